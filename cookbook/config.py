@@ -1,0 +1,519 @@
+"""Presets and the validated run configuration.
+
+One dataclass tree describes a run: the model architecture, the MoE router knobs (the tutorial's
+stability guidance), the parallel layout, the data, the GRPO hyperparameters and logging. A preset
+fills it with the reference numbers (shared/reference/recipe-facts.md); ``key=value`` overrides
+change single fields. ``load_config`` validates everything before any work starts, so a typo or an
+impossible layout fails in a second with the key, the value and what is allowed.
+
+This module is a leaf: it imports nothing else from the package.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESETS = ("tiny", "moonlight-16b-a3b", "deepseek-v3-671b")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key, the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 architecture numbers (MLA + MoE); names follow the HF config where one exists."""
+
+    name: str = "tiny"
+    hf_dir: str = ""  # local HF checkpoint directory; empty for tiny = build it offline (cookbook.models)
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_attention_heads: int = 2
+    ffn_hidden_size: int = 256  # dense MLP of the first layers (HF intermediate_size)
+    moe_ffn_hidden_size: int = 64  # each routed expert (HF moe_intermediate_size)
+    num_experts: int = 8
+    moe_router_topk: int = 2
+    num_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    q_lora_rank: Optional[int] = None  # None = plain q projection (Moonlight); DeepSeek-V3 uses 1536
+    kv_lora_rank: int = 512  # vLLM's CPU MLA needs kv_lora_rank + qk_rope_head_dim == 576
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 32
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # YaRN factor; 1.0 = no rope scaling
+    original_max_position_embeddings: int = 4096  # YaRN's pre-scaling context (DeepSeek-V3: 4096)
+    max_position_embeddings: int = 256
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    params_dtype: str = "float32"  # training parameter dtype: float32 | bfloat16
+    fp8_checkpoint: bool = False  # the HF checkpoint is fp8 e4m3 block-quantized (DeepSeek-V3) and needs a cast
+
+
+@dataclass
+class MoEConfig:
+    """Router settings. Defaults are the tutorial's RL stability settings: no load-balancing loss,
+    no expert-bias updates (off-policy drift from routing changes collapsed the gray run)."""
+
+    router_load_balancing_type: str = "none"  # none | aux_loss | seq_aux_loss | global_aux_loss
+    aux_loss_coeff: float = 0.0
+    router_enable_expert_bias: bool = False
+    router_bias_update_rate: float = 0.0
+    router_dtype: str = "fp32"  # fp32 | none (model dtype)
+    token_dispatcher_type: str = "alltoall"  # alltoall | allgather (CPU needs allgather)
+
+
+@dataclass
+class ParallelConfig:
+    """Trainer and rollout layout. ``gpus_per_node = 0`` means CPU (gloo, one process)."""
+
+    num_nodes: int = 1
+    gpus_per_node: int = 0
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    expert: int = 1
+    expert_tensor: int = 1
+    sequence_parallel: bool = False
+    first_pipeline_stage_layers: Optional[int] = None  # uneven PP split, e.g. 14 of Moonlight's 27
+    recompute: str = "none"  # none | selective | full
+    rollout_tensor: int = 1
+    rollout_gpu_memory_utilization: float = 0.75
+    colocate: bool = True  # trainer and rollout share the GPUs (offloaded between phases)
+
+
+@dataclass
+class DataConfig:
+    source: str = "generated"  # generated (offline, tiny) | local (a MATH-lighteval copy) | modelscope
+    local_dir: str = ""  # MATH-lighteval directory for source=local (parquet or json, train/test)
+    dataset_id: str = "AI-ModelScope/MATH-lighteval"
+    processed_dir: str = ""  # where train.jsonl/test.jsonl go; empty = <run dir>/data
+    num_train: int = 4000  # generated rows (source=generated)
+    num_test: int = 500
+    max_test_examples: int = 0  # evaluate on at most this many test problems; 0 = all
+    skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
+    prompt_suffix: str = " Let's think step by step and output the final answer within \\boxed{}."
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO hyperparameters; defaults are the Moonlight reference (recipe-facts.md)."""
+
+    steps: int = 200  # the reference's "episodes"
+    lr: float = 2e-6
+    prompts_per_step: int = 64
+    samples_per_prompt: int = 32
+    num_minibatches: int = 1  # optimizer steps per rollout batch
+    micro_batch_size: int = 1
+    max_prompt_length: int = 1024
+    max_response_length: int = 2048
+    sequence_packing: bool = True
+    packing_max_tokens: int = 4096
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    logratio_clamp: float = 10.0
+    loss_cap: float = 3.0
+    loss_aggregation: str = "token_mean"  # token_mean | seq_mean
+    advantage: str = "grpo"  # grpo: (r - mean) / (std + eps) | drgrpo: r - mean
+    advantage_eps: float = 1e-5
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"  # k1 | k2 | k3
+    entropy_coef: float = 0.0
+    importance_correction: str = "none"  # none | tis (truncated importance sampling, rollout vs trainer)
+    importance_cap: float = 2.0
+    mismatch_threshold: float = 0.5  # |logp_train - logp_rollout| above which a token counts as mismatched
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_top_k: int = 20
+    eval_every: int = 1
+    save_every: int = 10
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    use_fused_kernels: bool = False  # kernels/ GRPO loss + MLA attention when CUDA is present
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled; online needs WANDB_API_KEY
+    wandb_project: str = "grpo-cookbook"
+
+
+@dataclass
+class CookbookConfig:
+    preset: str = "tiny"
+    run_name: str = ""  # empty = <preset>-<YYYYmmdd-HHMMSS>
+    runs_dir: str = "runs"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.num_nodes * max(self.parallel.gpus_per_node, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: only the fields that differ from the dataclass defaults.
+
+_TINY: dict[str, Any] = {
+    "model": {"name": "tiny", "params_dtype": "float32"},
+    "moe": {"token_dispatcher_type": "allgather"},
+    "data": {"source": "generated", "num_train": 4000, "num_test": 500, "max_test_examples": 200},
+    "grpo": {
+        "steps": 30, "lr": 2e-4, "prompts_per_step": 16, "samples_per_prompt": 8, "num_minibatches": 2,
+        "micro_batch_size": 16, "max_prompt_length": 96, "max_response_length": 32,
+        "sequence_packing": False, "eval_every": 5, "save_every": 5,
+    },
+}
+
+_MOONLIGHT: dict[str, Any] = {
+    "model": {
+        "name": "moonlight-16b-a3b", "vocab_size": 163840, "hidden_size": 2048, "num_layers": 27,
+        "num_attention_heads": 16, "ffn_hidden_size": 11264, "moe_ffn_hidden_size": 1408,
+        "num_experts": 64, "moe_router_topk": 6, "num_shared_experts": 2, "first_k_dense_replace": 1,
+        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.446,
+        "rope_theta": 50000.0, "rope_scaling_factor": 1.0, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "params_dtype": "bfloat16",
+    },
+    "parallel": {
+        "num_nodes": 1, "gpus_per_node": 8, "tensor": 2, "pipeline": 2, "context": 2, "expert": 2,
+        "expert_tensor": 2, "sequence_parallel": True, "first_pipeline_stage_layers": 14,
+        "recompute": "selective", "rollout_tensor": 2, "rollout_gpu_memory_utilization": 0.75,
+    },
+    "data": {"source": "modelscope"},
+    "grpo": {
+        "steps": 200, "lr": 2e-6, "prompts_per_step": 64, "samples_per_prompt": 32,
+        "max_prompt_length": 1024, "max_response_length": 2048, "micro_batch_size": 1,
+        "sequence_packing": True, "packing_max_tokens": 4096, "eval_every": 1, "save_every": 20,
+    },
+}
+
+_DEEPSEEK_V3: dict[str, Any] = {
+    "model": {
+        "name": "deepseek-v3-671b", "vocab_size": 129280, "hidden_size": 7168, "num_layers": 61,
+        "num_attention_heads": 128, "ffn_hidden_size": 18432, "moe_ffn_hidden_size": 2048,
+        "num_experts": 256, "moe_router_topk": 8, "num_shared_experts": 1, "first_k_dense_replace": 3,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+        "rope_theta": 10000.0, "rope_scaling_factor": 40.0, "original_max_position_embeddings": 4096,
+        "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "params_dtype": "bfloat16",
+        "fp8_checkpoint": True,
+    },
+    # Router in fp32 only without rope scaling (recipe-facts.md); DeepSeek-V3 uses YaRN.
+    "moe": {"router_dtype": "none"},
+    "parallel": {
+        "num_nodes": 16, "gpus_per_node": 8, "tensor": 4, "pipeline": 16, "context": 1, "expert": 2,
+        "expert_tensor": 4, "sequence_parallel": True, "recompute": "full", "rollout_tensor": 32,
+        "rollout_gpu_memory_utilization": 0.6,
+    },
+    "data": {"source": "modelscope"},
+    "grpo": {
+        "steps": 200, "lr": 7e-7, "prompts_per_step": 8, "samples_per_prompt": 32,
+        "max_prompt_length": 768, "max_response_length": 2048, "micro_batch_size": 1,
+        "sequence_packing": False, "eval_every": 5, "save_every": 20,
+    },
+}
+
+PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "tiny": _TINY,
+    "moonlight-16b-a3b": _MOONLIGHT,
+    "deepseek-v3-671b": _DEEPSEEK_V3,
+}
+
+# The fewest GPUs each real preset needs (trainer layout divisibility; recipe-facts.md).
+MIN_GPUS = {"tiny": 0, "moonlight-16b-a3b": 8, "deepseek-v3-671b": 128}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "moe.router_load_balancing_type": ("none", "aux_loss", "seq_aux_loss", "global_aux_loss"),
+    "moe.router_dtype": ("fp32", "none"),
+    "moe.token_dispatcher_type": ("alltoall", "allgather"),
+    "model.params_dtype": ("float32", "bfloat16"),
+    "parallel.recompute": ("none", "selective", "full"),
+    "data.source": ("generated", "local", "modelscope"),
+    "grpo.loss_aggregation": ("token_mean", "seq_mean"),
+    "grpo.advantage": ("grpo", "drgrpo"),
+    "grpo.kl_estimator": ("k1", "k2", "k3"),
+    "grpo.importance_correction": ("none", "tis"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, validation.
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        full = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            keys.extend(_all_keys(value, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+VALID_KEYS: tuple[str, ...] = tuple(_all_keys(CookbookConfig()))
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, VALID_KEYS, n=1, cutoff=0.5)
+    if not close:  # a right leaf under a wrong section, or the reverse
+        leaf = key.split(".")[-1]
+        close = [k for k in VALID_KEYS if k.split(".")[-1] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(VALID_KEYS)}"
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse ``a.b=c`` strings (YAML values: 1e-6, true, null, [1,2]) into a nested dict."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (for example grpo.lr=1e-6)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in VALID_KEYS:
+            raise _unknown_key_error(key, f"override '{item}'")
+        value = OmegaConf.create({"v": raw}).v if raw == "" else OmegaConf.create(f"v: {raw}").v
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return nested
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        full = f"{prefix}{k}"
+        if isinstance(v, dict) and full not in VALID_KEYS:
+            out.update(_flatten(v, full + "."))
+        else:
+            out[full] = v
+    return out
+
+
+def _merge(base: Any, values: dict[str, Any], where: str) -> Any:
+    for key in _flatten(values):
+        if key not in VALID_KEYS:
+            raise _unknown_key_error(key, where)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        value = getattr(e, "value", None) if hasattr(e, "value") else None
+        expected = _field_type(key)
+        raise ConfigError(
+            f"{where}: key '{key}' got {value!r}, which is not a valid {expected}: {e.msg if hasattr(e, 'msg') else e}"
+        ) from None
+
+
+def _field_type(key: str) -> str:
+    node: Any = CookbookConfig()
+    try:
+        for part in key.split(".")[:-1]:
+            node = getattr(node, part)
+        for f in dataclasses.fields(node):
+            if f.name == key.split(".")[-1]:
+                return str(f.type)
+    except AttributeError:
+        pass
+    return "value"
+
+
+def preset_config(preset: str) -> CookbookConfig:
+    """The unvalidated config of a preset (its reference numbers)."""
+    if preset not in PRESET_VALUES:
+        close = difflib.get_close_matches(preset, PRESETS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"preset '{preset}' is unknown{hint}; choose one of {', '.join(PRESETS)}")
+    values = copy.deepcopy(PRESET_VALUES[preset])
+    values["preset"] = preset
+    return _merge(CookbookConfig(), values, f"preset '{preset}'")
+
+
+def load_config(
+    preset: str = "tiny",
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+    config_file: str | os.PathLike | None = None,
+) -> CookbookConfig:
+    """Preset, then a YAML file, then a nested dict (notebook parameters), then ``a.b=c`` overrides."""
+    cfg = preset_config(preset)
+    if config_file is not None:
+        file_values = OmegaConf.to_container(OmegaConf.load(config_file))
+        file_values.pop("preset", None)
+        cfg = _merge(cfg, file_values, f"config file {config_file}")
+    if values:
+        cfg = _merge(cfg, values, "values")
+    if overrides:
+        cfg = _merge(cfg, parse_overrides(overrides), "overrides")
+    if not cfg.run_name:
+        cfg.run_name = f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: CookbookConfig) -> None:
+    """Check choices, ranges and the parallel layout; raise ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in allowed, key, value, f"choose one of {', '.join(allowed)}")
+    _require(cfg.preset in PRESETS, "preset", cfg.preset, f"choose one of {', '.join(PRESETS)}")
+
+    m, moe, p, g = cfg.model, cfg.moe, cfg.parallel, cfg.grpo
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_experts",
+                "moe_router_topk", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        _require(getattr(m, key) > 0, f"model.{key}", getattr(m, key), "must be > 0")
+    _require(m.moe_router_topk <= m.num_experts, "model.moe_router_topk", m.moe_router_topk,
+             f"must be <= model.num_experts ({m.num_experts})")
+    _require(m.first_k_dense_replace < m.num_layers, "model.first_k_dense_replace", m.first_k_dense_replace,
+             f"must be < model.num_layers ({m.num_layers}) so that some layers are MoE")
+    _require(m.num_experts % m.n_group == 0, "model.n_group", m.n_group,
+             f"must divide model.num_experts ({m.num_experts})")
+    _require(1 <= m.topk_group <= m.n_group, "model.topk_group", m.topk_group,
+             f"must be between 1 and model.n_group ({m.n_group})")
+    _require(moe.aux_loss_coeff >= 0, "moe.aux_loss_coeff", moe.aux_loss_coeff, "must be >= 0")
+    _require(moe.router_bias_update_rate >= 0, "moe.router_bias_update_rate", moe.router_bias_update_rate,
+             "must be >= 0")
+    if moe.router_load_balancing_type == "none" and moe.aux_loss_coeff > 0:
+        raise ConfigError(
+            f"moe.aux_loss_coeff={moe.aux_loss_coeff} has no effect with moe.router_load_balancing_type='none'; "
+            "set moe.router_load_balancing_type=seq_aux_loss (or aux_loss) or moe.aux_loss_coeff=0")
+    if moe.router_bias_update_rate > 0 and not moe.router_enable_expert_bias:
+        raise ConfigError(
+            f"moe.router_bias_update_rate={moe.router_bias_update_rate} needs moe.router_enable_expert_bias=true "
+            "(the tutorial turns both off for RL stability)")
+
+    # Sizes and hyperparameters.
+    _require(g.steps >= 1, "grpo.steps", g.steps, "must be >= 1")
+    _require(g.lr > 0, "grpo.lr", g.lr, "must be > 0")
+    _require(g.samples_per_prompt >= 2, "grpo.samples_per_prompt", g.samples_per_prompt,
+             "must be >= 2: GRPO normalizes rewards within each prompt's group")
+    _require(g.prompts_per_step >= 1, "grpo.prompts_per_step", g.prompts_per_step, "must be >= 1")
+    samples = g.prompts_per_step * g.samples_per_prompt
+    _require(g.num_minibatches >= 1 and samples % g.num_minibatches == 0, "grpo.num_minibatches",
+             g.num_minibatches, f"must divide the samples per step ({samples})")
+    _require(0 <= g.clip_low < 1, "grpo.clip_low", g.clip_low, "must be in [0, 1)")
+    _require(g.clip_high >= 0, "grpo.clip_high", g.clip_high, "must be >= 0")
+    _require(g.temperature > 0, "grpo.temperature", g.temperature, "must be > 0")
+    _require(0 < g.top_p <= 1, "grpo.top_p", g.top_p, "must be in (0, 1]")
+    _require(g.eval_every >= 0 and g.save_every >= 0, "grpo.eval_every/save_every",
+             (g.eval_every, g.save_every), "must be >= 0 (0 = never)")
+    _require(g.max_prompt_length + g.max_response_length <= m.max_position_embeddings,
+             "grpo.max_prompt_length + grpo.max_response_length",
+             g.max_prompt_length + g.max_response_length,
+             f"must fit model.max_position_embeddings ({m.max_position_embeddings})")
+    _require(0 < p.rollout_gpu_memory_utilization <= 1, "parallel.rollout_gpu_memory_utilization",
+             p.rollout_gpu_memory_utilization, "must be in (0, 1]")
+
+    _validate_layout(cfg)
+
+
+def _validate_layout(cfg: CookbookConfig) -> None:
+    m, p = cfg.model, cfg.parallel
+    for key in ("num_nodes", "tensor", "pipeline", "context", "expert", "expert_tensor", "rollout_tensor"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
+    _require(p.gpus_per_node >= 0, "parallel.gpus_per_node", p.gpus_per_node, "must be >= 0 (0 = CPU)")
+
+    world = cfg.world_size
+    need = MIN_GPUS[cfg.preset]
+    if p.gpus_per_node == 0 and need:
+        raise ConfigError(
+            f"preset '{cfg.preset}' needs GPUs (at least {need}); parallel.gpus_per_node=0 means CPU. "
+            f"Set parallel.gpus_per_node and parallel.num_nodes, or use preset 'tiny' on CPU")
+    if world < need:
+        raise ConfigError(
+            f"preset '{cfg.preset}' needs at least {need} GPUs; parallel.num_nodes x parallel.gpus_per_node = "
+            f"{p.num_nodes} x {p.gpus_per_node} = {world}")
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world % model_parallel:
+        raise ConfigError(
+            f"parallel.tensor x pipeline x context = {p.tensor} x {p.pipeline} x {p.context} = {model_parallel} "
+            f"does not divide the {world} processes (num_nodes x gpus_per_node); change the layout or the GPU count")
+    expert_parallel = p.expert * p.expert_tensor * p.pipeline
+    if world % expert_parallel:
+        raise ConfigError(
+            f"parallel.expert x expert_tensor x pipeline = {expert_parallel} does not divide the {world} processes")
+    _require(m.num_experts % p.expert == 0, "parallel.expert", p.expert,
+             f"must divide model.num_experts ({m.num_experts})")
+    _require(m.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
+             f"must divide model.num_attention_heads ({m.num_attention_heads})")
+    _require(m.num_attention_heads % p.rollout_tensor == 0, "parallel.rollout_tensor", p.rollout_tensor,
+             f"must divide model.num_attention_heads ({m.num_attention_heads})")
+    if p.gpus_per_node and p.rollout_tensor > world:
+        raise ConfigError(f"parallel.rollout_tensor={p.rollout_tensor} exceeds the {world} GPUs")
+    if p.tensor > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            f"parallel.tensor={p.tensor} with MoE requires parallel.sequence_parallel=true (Megatron-Core)")
+    if p.first_pipeline_stage_layers is not None:
+        first = p.first_pipeline_stage_layers
+        rest = m.num_layers - first
+        if p.pipeline < 2 or not (0 < first < m.num_layers) or rest % (p.pipeline - 1):
+            raise ConfigError(
+                f"parallel.first_pipeline_stage_layers={first} must leave model.num_layers - first = {rest} "
+                f"layers divisible over the other {p.pipeline - 1} pipeline stages")
+    elif m.num_layers % p.pipeline:
+        raise ConfigError(
+            f"parallel.pipeline={p.pipeline} does not divide model.num_layers ({m.num_layers}); "
+            "set parallel.first_pipeline_stage_layers for an uneven split")
+
+
+def to_yaml(cfg: CookbookConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: CookbookConfig, run_dir: str | os.PathLike | None = None) -> Path:
+    """Write the resolved config as ``config.yaml`` in the run folder (atomically)."""
+    from cookbook.atomic import write_text  # atomic is a leaf utility too
+
+    path = Path(run_dir or cfg.run_dir) / "config.yaml"
+    return write_text(path, to_yaml(cfg))
+
+
+def load_saved_config(path: str | os.PathLike) -> CookbookConfig:
+    """Read a run folder's ``config.yaml`` (or the file itself) back, validated."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    cfg = _merge(CookbookConfig(), values, str(path))
+    validate(cfg)
+    return cfg
