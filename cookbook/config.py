@@ -231,6 +231,7 @@ _DEEPSEEK_V3: dict[str, Any] = {
     "moe": {"router_dtype": "none"},
     "parallel": {
         "num_nodes": 16, "gpus_per_node": 8, "tensor": 4, "pipeline": 16, "context": 1, "expert": 2,
+        "first_pipeline_stage_layers": 1,  # 61 = 1 + 15 x 4 (our choice; the reference does not say)
         "expert_tensor": 4, "sequence_parallel": True, "recompute": "full", "rollout_tensor": 32,
         "rollout_gpu_memory_utilization": 0.6,
     },
