@@ -333,11 +333,8 @@ def _merge(base: Any, values: dict[str, Any], where: str) -> Any:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        value = getattr(e, "value", None) if hasattr(e, "value") else None
-        expected = _field_type(key)
-        raise ConfigError(
-            f"{where}: key '{key}' got {value!r}, which is not a valid {expected}: {e.msg if hasattr(e, 'msg') else e}"
-        ) from None
+        reason = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{where}: key '{key}' expects {_field_type(key)}: {reason}") from None
 
 
 def _field_type(key: str) -> str:
@@ -454,6 +451,8 @@ def _validate_layout(cfg: CookbookConfig) -> None:
         _require(getattr(p, key) >= 1, f"parallel.{key}", getattr(p, key), "must be >= 1")
     _require(p.gpus_per_node >= 0, "parallel.gpus_per_node", p.gpus_per_node, "must be >= 0 (0 = CPU)")
 
+    _require(m.num_experts % p.expert == 0, "parallel.expert", p.expert,
+             f"must divide model.num_experts ({m.num_experts})")
     world = cfg.world_size
     need = MIN_GPUS[cfg.preset]
     if p.gpus_per_node == 0 and need:
@@ -473,8 +472,6 @@ def _validate_layout(cfg: CookbookConfig) -> None:
     if world % expert_parallel:
         raise ConfigError(
             f"parallel.expert x expert_tensor x pipeline = {expert_parallel} does not divide the {world} processes")
-    _require(m.num_experts % p.expert == 0, "parallel.expert", p.expert,
-             f"must divide model.num_experts ({m.num_experts})")
     _require(m.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
              f"must divide model.num_attention_heads ({m.num_attention_heads})")
     _require(m.num_attention_heads % p.rollout_tensor == 0, "parallel.rollout_tensor", p.rollout_tensor,

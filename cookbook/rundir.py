@@ -1,0 +1,60 @@
+"""The run folder: one directory per run holding everything needed to understand and resume it.
+
+Layout (each part written by the step that owns it)::
+
+    runs/<run>/config.yaml          resolved config (every notebook step rewrites it)
+    runs/<run>/env_report.json      environment check (00)
+    runs/<run>/data/                preprocessed train/test JSONL + manifest (10)
+    runs/<run>/notebooks/           executed notebooks and the parameters each ran with
+    runs/<run>/metrics.jsonl        one JSON line per training step
+    runs/<run>/checkpoints/         resumable checkpoints
+    runs/<run>/plots/               figures people compare
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cookbook.config import CookbookConfig, load_config, save_config
+
+
+def open_run(
+    preset: str = "tiny",
+    run_name: str = "",
+    overrides: list[str] | tuple[str, ...] = (),
+    runs_dir: str = "",
+    values: dict[str, Any] | None = None,
+) -> CookbookConfig:
+    """Resolve and validate the config, create the run folder and save ``config.yaml`` in it.
+
+    Notebooks and CLI commands start with this, so a bad value fails before any work and every run
+    folder says exactly what ran.
+    """
+    merged: dict[str, Any] = dict(values or {})
+    if run_name:
+        merged["run_name"] = run_name
+    runs_dir = runs_dir or os.environ.get("COOKBOOK_RUNS_DIR", "") or merged.get("runs_dir", "runs")
+    merged["runs_dir"] = str(resolve_from_root(runs_dir))
+    cfg = load_config(preset, overrides=list(overrides), values=merged)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg)
+    return cfg
+
+
+def project_root() -> Path:
+    """The checkout this package lives in (an editable install), else the working directory."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "notebooks").is_dir() else Path.cwd()
+
+
+def resolve_from_root(path: str | os.PathLike) -> Path:
+    """Relative paths in configs mean the project root, whether a notebook runs from notebooks/ or not."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_root() / path
+
+
+def plots_dir(cfg: CookbookConfig) -> Path:
+    path = cfg.run_dir / "plots"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
