@@ -313,6 +313,20 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return nested
 
 
+def nest_dotted(values: dict[str, Any], where: str = "overrides") -> dict[str, Any]:
+    """{"grpo.lr": 1e-6} -> {"grpo": {"lr": 1e-6}}, checking every key (notebook parameters use this form)."""
+    nested: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in VALID_KEYS:
+            raise _unknown_key_error(key, where)
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return nested
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

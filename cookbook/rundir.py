@@ -16,22 +16,26 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cookbook.config import CookbookConfig, load_config, save_config
+from cookbook.config import CookbookConfig, load_config, nest_dotted, save_config
 
 
 def open_run(
     preset: str = "tiny",
     run_name: str = "",
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: dict[str, Any] | list[str] | tuple[str, ...] = (),
     runs_dir: str = "",
     values: dict[str, Any] | None = None,
 ) -> CookbookConfig:
     """Resolve and validate the config, create the run folder and save ``config.yaml`` in it.
 
     Notebooks and CLI commands start with this, so a bad value fails before any work and every run
-    folder says exactly what ran.
+    folder says exactly what ran. ``overrides`` is a list of ``"a.b=c"`` strings (CLI) or a dict of
+    dotted keys (notebook parameters: papermill cannot parse ``=`` inside a parameters cell).
     """
     merged: dict[str, Any] = dict(values or {})
+    if isinstance(overrides, dict):
+        merged = _deep_merge(merged, nest_dotted(overrides))
+        overrides = ()
     if run_name:
         merged["run_name"] = run_name
     runs_dir = runs_dir or os.environ.get("COOKBOOK_RUNS_DIR", "") or merged.get("runs_dir", "runs")
@@ -40,6 +44,13 @@ def open_run(
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg)
     return cfg
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def project_root() -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from cookbook.atomic import write_text
-from cookbook.config import ConfigError, load_config
+from cookbook.config import ConfigError, load_config, nest_dotted
 from cookbook.rundir import project_root, resolve_from_root
 
 KERNEL_NAME = "grpo-cookbook"  # registered by env/setup_cpu.sh (and the GPU image)
@@ -122,10 +122,12 @@ def run_notebook(
             raise _unknown_parameter(name, list(defaults), nb.name)
     params.update(parameters or {})
     preset = params.get("preset") or _literal(defaults.get("preset", "'tiny'"))
-    overrides = params.get("overrides", [])
     run_name = run_name or params.get("run_name") or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     runs_path = resolve_from_root(runs_dir)
-    load_config(preset, overrides=overrides, values={"run_name": run_name, "runs_dir": str(runs_path)})
+    overrides = params.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"parameter 'overrides' must be a mapping of dotted keys to values, got {overrides!r}")
+    load_config(preset, values={"run_name": run_name, "runs_dir": str(runs_path), **nest_dotted(overrides)})
     params.update({"run_name": run_name, "runs_dir": str(runs_path)})
 
     out_dir = runs_path / run_name / "notebooks"
