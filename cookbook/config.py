@@ -153,7 +153,7 @@ class GRPOConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    wandb_mode: str = "offline"  # offline | online | disabled; online needs WANDB_API_KEY
+    wandb_mode: str = "auto"  # auto (online when WANDB_API_KEY is set, else offline) | offline | online | disabled
     wandb_project: str = "grpo-cookbook"
 
 
@@ -263,7 +263,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "grpo.advantage": ("grpo", "drgrpo"),
     "grpo.kl_estimator": ("k1", "k2", "k3"),
     "grpo.importance_correction": ("none", "tis"),
-    "logging.wandb_mode": ("offline", "online", "disabled"),
+    "logging.wandb_mode": ("auto", "offline", "online", "disabled"),
 }
 
 
