@@ -1,0 +1,168 @@
+"""The GRPO loop: prompts -> n samples (vLLM) -> rewards -> group advantages -> minibatch updates
+(Megatron-Core) -> weight sync, with evaluation, metrics, checkpoints and exact resume.
+
+This module owns the loop and is where the trainer and the generator meet; it talks to them only
+through their worker methods, each running in its own Ray actor.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from cookbook.config import CookbookConfig
+from cookbook.data.preprocess import read_records
+from cookbook.data.reward import score_batch
+from cookbook.grpo.algorithm import group_advantages
+from cookbook.grpo.checkpoint import latest_checkpoint
+from cookbook.grpo.prompts import PromptStream
+from cookbook.grpo.tracking import MetricsTracker
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    hf_export: Optional[Path]
+    history: list[dict[str, Any]]
+
+
+def step_seed(seed: int, step: int, salt: str = "rollout") -> int:
+    """A sampling seed per step that does not depend on process state, so a resumed run replays it."""
+    digest = hashlib.sha256(f"{seed}:{step}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def data_files(cfg: CookbookConfig) -> tuple[Path, Path]:
+    root = Path(cfg.data.processed_dir) if cfg.data.processed_dir else cfg.run_dir / "data"
+    train, test = root / "train.jsonl", root / "test.jsonl"
+    if not train.is_file() or not test.is_file():
+        raise FileNotFoundError(
+            f"{train} / {test} not found: run notebook 10_data (or `cookbook data`) for this run first, "
+            "or set data.processed_dir to a folder that has them")
+    return train, test
+
+
+def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig, step: int) -> dict[str, float]:
+    """Accuracy and mean response length on the test split with the reference's eval sampling."""
+    import ray
+
+    g = cfg.grpo
+    samples = ray.get(rollout.generate.remote(
+        [r["prompt"] for r in records], n=1, temperature=g.eval_temperature, top_p=g.eval_top_p,
+        top_k=g.eval_top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step, "eval")))
+    scores = score_batch([s.text for s in samples],
+                         [records[s.prompt_index]["reward_model"]["ground_truth"] for s in samples])
+    return {"eval/accuracy": float(np.mean([r.score for r in scores])),
+            "eval/response_length": float(np.mean([len(s.response_ids) for s in samples]))}
+
+
+def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfig, step: int
+                 ) -> tuple[list[Any], np.ndarray, dict[str, float]]:
+    """Sample n responses per prompt and score them; returns samples, rewards and reward metrics."""
+    import ray
+
+    g = cfg.grpo
+    samples = ray.get(rollout.generate.remote(
+        [p["prompt"] for p in prompts], n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
+        top_k=g.top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step)))
+    t0 = time.perf_counter()
+    results = score_batch([s.text for s in samples],
+                          [prompts[s.prompt_index]["reward_model"]["ground_truth"] for s in samples])
+    rewards = np.array([r.score for r in results], dtype=np.float32)
+    lengths = np.array([len(s.response_ids) for s in samples])
+    per_prompt = rewards.reshape(len(prompts), g.samples_per_prompt)
+    metrics = {
+        "reward/mean": float(rewards.mean()),
+        "reward/solve_all": float((per_prompt.min(1) == 1).mean()),
+        "reward/solve_none": float((per_prompt.max(1) == 0).mean()),
+        "response/length_mean": float(lengths.mean()),
+        "response/clip_ratio": float(np.mean([s.finish_reason == "length" for s in samples])),
+        "time/reward": time.perf_counter() - t0,
+    }
+    return samples, rewards, metrics
+
+
+def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] = None,
+          on_step: Optional[Callable[[int, dict[str, Any]], None]] = None) -> TrainResult:
+    """Run (or resume) GRPO for ``cfg.grpo.steps`` steps in ``cfg.run_dir``.
+
+    ``stop_after`` ends early after that many steps of this call (the notebook's live plots and the
+    resume tests use it); ``on_step`` sees each step's metrics.
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    from cookbook.grpo.workers import start_workers
+
+    g = cfg.grpo
+    train_file, test_file = data_files(cfg)
+    train_records = read_records(train_file)
+    test_records = read_records(test_file)
+    if cfg.data.max_test_examples:
+        test_records = test_records[:cfg.data.max_test_examples]
+    stream = PromptStream(train_records, g.prompts_per_step, cfg.seed)
+
+    workers = start_workers(cfg)
+    trainer, rollout = workers.trainer, workers.rollout
+    start = 0
+    resume = latest_checkpoint(cfg.run_dir)
+    if resume is not None:
+        start, path = resume
+        loop_state = ray.get(trainer.load_checkpoint.remote(str(path)))
+        stream.load_state_dict(loop_state["prompts"])
+        ray.get(rollout.update_weights.remote(trainer.export_hf_weights.remote()))
+    tracker = MetricsTracker(cfg, resume_step=start if resume else None)
+    history: list[dict[str, Any]] = []
+    try:
+        if start == 0 and g.eval_every:
+            baseline = evaluate(rollout, test_records, cfg, 0)
+            tracker.log(0, baseline)
+            history.append({"step": 0, **baseline})
+        last = g.steps if stop_after is None else min(g.steps, start + stop_after)
+        bar = tqdm(range(start + 1, last + 1), initial=start, total=g.steps, desc="GRPO", disable=not progress)
+        for step in bar:
+            t_step = time.perf_counter()
+            prompts = stream.next_batch()
+            t0 = time.perf_counter()
+            samples, rewards, metrics = rollout_step(rollout, prompts, cfg, step)
+            metrics["time/rollout"] = time.perf_counter() - t0 - metrics["time/reward"]
+            advantages = group_advantages(rewards, g.samples_per_prompt, method=g.advantage, eps=g.advantage_eps)
+
+            t0 = time.perf_counter()
+            batch = {"prompt_ids": [s.prompt_ids for s in samples],
+                     "response_ids": [s.response_ids for s in samples],
+                     "rollout_logp": [s.logprobs for s in samples],
+                     "advantages": [float(a) for a in advantages]}
+            metrics.update(ray.get(trainer.train_step.remote(batch, step)))
+            metrics["time/train"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            sync = ray.get(rollout.update_weights.remote(trainer.export_hf_weights.remote()))
+            metrics["time/sync"] = time.perf_counter() - t0
+            metrics.update({f"sync/{k}": v for k, v in sync.items()})
+
+            if g.eval_every and step % g.eval_every == 0:
+                t0 = time.perf_counter()
+                metrics.update(evaluate(rollout, test_records, cfg, step))
+                metrics["time/eval"] = time.perf_counter() - t0
+            metrics["time/step"] = time.perf_counter() - t_step
+            tracker.log(step, metrics)
+            history.append({"step": step, **metrics})
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", step_s=f"{metrics['time/step']:.1f}")
+            if on_step is not None:
+                on_step(step, metrics)
+            if (g.save_every and step % g.save_every == 0) or step == last:
+                ray.get(trainer.save_checkpoint.remote(str(cfg.run_dir), step, {"prompts": stream.state_dict()}))
+        done = last
+        hf_export = None
+        if done == g.steps:
+            hf_export = Path(ray.get(trainer.export_hf_checkpoint.remote(str(cfg.run_dir / "hf_export"))))
+    finally:
+        tracker.close()
+        workers.shutdown()
+    return TrainResult(cfg.run_dir, done, hf_export, history)

@@ -1,0 +1,49 @@
+"""Start the trainer and rollout workers as Ray actors placed by cookbook.cluster."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cookbook.cluster.placement import actor_options, create_placement_group, init_ray, plan_placement
+from cookbook.config import CookbookConfig
+
+
+@dataclass
+class Workers:
+    trainer: Any
+    rollout: Any
+    placement_group: Any
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in (self.rollout, self.trainer):
+            try:
+                ray.get(actor.shutdown.remote(), timeout=60)
+            except Exception:  # an actor that already died has nothing to release
+                pass
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+
+
+def start_workers(cfg: CookbookConfig) -> Workers:
+    """One trainer and one rollout actor (CPU), placed as the parallel config says.
+
+    Multi-rank trainer groups (TP/PP/EP > 1 on GPUs) use the same actor class with a rank each; the
+    tiny preset needs one of each.
+    """
+    import ray
+
+    from cookbook.grpo.policy import PolicyTrainer
+    from cookbook.models.tiny import resolve_hf_dir
+    from cookbook.rollout.engine import RolloutWorker
+
+    init_ray(cfg)
+    hf_dir = str(resolve_hf_dir(cfg))
+    plan = plan_placement(cfg)
+    pg = create_placement_group(plan)
+    trainer = ray.remote(PolicyTrainer).options(**actor_options(plan, pg, "trainer", 0)).remote(cfg, hf_dir)
+    rollout = ray.remote(RolloutWorker).options(**actor_options(plan, pg, "rollout", 0)).remote(hf_dir, cfg)
+    ray.get([trainer.ready.remote(), rollout.ready.remote()])
+    return Workers(trainer, rollout, pg)
