@@ -35,6 +35,7 @@ class ModelConfig:
 
     name: str = "tiny"
     hf_dir: str = ""  # local HF checkpoint directory; empty for tiny = build it offline (cookbook.models)
+    mcore_dir: str = ""  # converted Megatron-Core checkpoint (notebook 20); empty = <run dir>/mcore
     vocab_size: int = 512
     hidden_size: int = 128
     num_layers: int = 3

@@ -1,0 +1,39 @@
+"""The notebooks run headless under papermill on the tiny preset, into one run folder, as `make demo` does."""
+import json
+
+import pytest
+
+from cookbook.runner import run_notebook
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def _errors(path):
+    nb = json.loads(path.read_text())
+    return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+
+
+def test_00_environment(run_dir):
+    out = run_notebook("00_environment", {"preset": "tiny"}, run_name="nb", runs_dir=str(run_dir), progress=False)
+    assert out.is_file() and not _errors(out)
+    report = json.loads((run_dir / "nb" / "env_report.json").read_text())
+    assert report["preset"] == "tiny" and report["worst"] == "ok"
+    assert (run_dir / "nb" / "notebooks" / "00_environment.params.yaml").is_file()
+
+
+def test_10_data(run_dir):
+    out = run_notebook("10_data", {"preset": "tiny"}, run_name="nb", runs_dir=str(run_dir), progress=False)
+    assert out.is_file() and not _errors(out)
+    data = run_dir / "nb" / "data"
+    train = (data / "train.jsonl").read_text().splitlines()
+    test = (data / "test.jsonl").read_text().splitlines()
+    assert len(train) > 100 and len(test) > 10
+    record = json.loads(train[0])
+    assert record["prompt"][0]["content"].endswith("output the final answer within \\boxed{}.")
+    assert (run_dir / "nb" / "plots" / "prompt_lengths.png").is_file()
