@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from cookbook.analysis.metrics import METRICS_FILE, read_metrics
 from cookbook.config import CookbookConfig, to_yaml
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def _clean(value: Any) -> Any:
@@ -22,13 +21,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
