@@ -6,7 +6,6 @@ through their worker methods, each running in its own Ray actor.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from cookbook.data.preprocess import read_records
 from cookbook.data.reward import score_batch
 from cookbook.grpo.algorithm import group_advantages
 from cookbook.grpo.checkpoint import latest_checkpoint
-from cookbook.grpo.prompts import PromptStream
+from cookbook.grpo.prompts import PromptStream, step_seed
 from cookbook.grpo.tracking import MetricsTracker
 
 
@@ -29,12 +28,6 @@ class TrainResult:
     steps_done: int
     hf_export: Optional[Path]
     history: list[dict[str, Any]]
-
-
-def step_seed(seed: int, step: int, salt: str = "rollout") -> int:
-    """A sampling seed per step that does not depend on process state, so a resumed run replays it."""
-    digest = hashlib.sha256(f"{seed}:{step}:{salt}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def data_files(cfg: CookbookConfig) -> tuple[Path, Path]:

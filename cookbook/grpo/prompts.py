@@ -1,6 +1,7 @@
 """The prompt stream: shuffled epochs under a seed, with a position that checkpoints save and restore."""
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -39,3 +40,9 @@ class PromptStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._permutation()
+
+
+def step_seed(seed: int, step: int, salt: str = "rollout") -> int:
+    """A sampling seed per step that does not depend on process state, so a resumed run replays it."""
+    digest = hashlib.sha256(f"{seed}:{step}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
