@@ -1,0 +1,159 @@
+"""The policy trainer: a Megatron-Core GPTModel (MLA + MoE) updated with the GRPO loss.
+
+It runs inside a Ray actor. Per step it recomputes the old log-probs (the reference does not trust the
+rollout engine's), computes reference log-probs for the KL (logged even at coefficient 0, as the
+reference does), measures the trainer-vs-rollout mismatch, then makes ``grpo.num_minibatches`` optimizer
+steps over the batch with token-level loss aggregation. It exports HF-named weights for the per-step
+sync and an HF checkpoint at the end.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from cookbook.config import CookbookConfig
+from cookbook.grpo import algorithm as A
+from cookbook.grpo.checkpoint import load_checkpoint, save_checkpoint
+from cookbook.models.hf_config import read_hf_config
+
+
+def _micro_slices(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+class PolicyTrainer:
+    """One trainer rank (the tiny preset on CPU has exactly one)."""
+
+    def __init__(self, cfg: CookbookConfig, hf_dir: str):
+        from cookbook.megatron.model import build_model, init_parallel
+
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+        init_parallel(cfg, rank=0, world_size=1)
+        self.model = build_model(cfg)
+        self._load_initial_weights(hf_dir)
+        self.hf_dir = hf_dir
+        self.ref_model = copy.deepcopy(self.model).eval()
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
+        g = cfg.grpo
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=g.lr,
+            betas=(g.adam_beta1, g.adam_beta2), weight_decay=g.weight_decay)
+        self.pad_id = int(read_hf_config(hf_dir).get("pad_token_id") or 0)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _load_initial_weights(self, hf_dir: str) -> None:
+        """From the converted Megatron checkpoint (notebook 20) when present, else straight from HF."""
+        from cookbook.convert import load_mcore_checkpoint, load_hf_into_megatron
+
+        mcore = Path(self.cfg.model.mcore_dir) if self.cfg.model.mcore_dir else self.cfg.run_dir / "mcore"
+        if mcore.is_dir():
+            load_mcore_checkpoint(self.model, mcore)
+            self.init_source = str(mcore)
+        else:
+            load_hf_into_megatron(self.model, hf_dir, self.cfg)
+            self.init_source = hf_dir
+
+    def ready(self) -> str:
+        return self.init_source
+
+    # -- forward ------------------------------------------------------------------------------
+    def _token_logprobs(self, model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                        grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from cookbook.megatron.model import forward_logits
+
+        with torch.set_grad_enabled(grad):
+            logits = forward_logits(model, input_ids, position_ids)
+            return A.token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=self.cfg.grpo.temperature)
+
+    def _batched_logprobs(self, model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor
+                          ) -> torch.Tensor:
+        size = self.cfg.grpo.micro_batch_size
+        return torch.cat([self._token_logprobs(model, input_ids[s], position_ids[s], grad=False)[0]
+                          for s in _micro_slices(len(input_ids), size)])
+
+    # -- the step -----------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, list], step: int) -> dict[str, float]:
+        """One GRPO step on a rollout batch; returns metrics for the log."""
+        from cookbook.megatron.model import update_router_expert_bias
+
+        g, t0 = self.cfg.grpo, time.perf_counter()
+        input_ids, mask, position_ids = A.build_training_batch(batch["prompt_ids"], batch["response_ids"],
+                                                               self.pad_id)
+        # mask[:, t] marks that token t+1 is a response token, aligned with log-probs of input_ids[:, 1:]
+        rollout_logp = A.align_rollout_logprobs(batch["prompt_ids"], batch["rollout_logp"], mask)
+        advantages = torch.tensor(batch["advantages"], dtype=torch.float32)
+
+        self.model.eval()
+        old_logp = self._batched_logprobs(self.model, input_ids, position_ids)
+        ref_logp = self._batched_logprobs(self.ref_model, input_ids, position_ids)
+        metrics = {f"mismatch/{k}": v for k, v in
+                   A.mismatch_metrics(old_logp, rollout_logp, mask, g.mismatch_threshold).items()}
+        is_weights = A.tis_weights(old_logp, rollout_logp, mask, g.importance_cap) \
+            if g.importance_correction == "tis" else None
+
+        self.model.train()
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for mb in A.split_minibatches(len(input_ids), g.num_minibatches, seed=self.cfg.seed + step):
+            normalizer = float(mask[mb].sum()) if g.loss_aggregation == "token_mean" else float(len(mb))
+            self.optimizer.zero_grad(set_to_none=True)
+            for s in _micro_slices(len(mb), g.micro_batch_size):
+                idx = mb[s]
+                logp, entropy = self._token_logprobs(self.model, input_ids[idx], position_ids[idx], grad=True)
+                out = A.policy_loss(
+                    logp, old_logp[idx], advantages[idx], mask[idx], clip_low=g.clip_low, clip_high=g.clip_high,
+                    logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap, normalizer=normalizer,
+                    aggregation=g.loss_aggregation, ref_logp=ref_logp[idx], kl_coef=g.kl_coef,
+                    kl_estimator=g.kl_estimator, is_weights=None if is_weights is None else is_weights[idx],
+                    entropy=entropy, entropy_coef=g.entropy_coef)
+                out.loss.backward()
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)
+            self.optimizer.step()
+            update_router_expert_bias(self.model, self.cfg)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * len(mb)
+            n_updates += 1
+        metrics.update({f"actor/{k}": v / len(input_ids) for k, v in sums.items()})
+        metrics["actor/updates"] = n_updates
+        tokens = sum(len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"]))
+        metrics["perf/train_tokens_per_s"] = tokens * (2 + g.num_minibatches) / (time.perf_counter() - t0)
+        return metrics
+
+    # -- weights out --------------------------------------------------------------------------
+    def export_hf_weights(self) -> dict[str, torch.Tensor]:
+        """HF-named tensors for the rollout engine (the convert name table, streamed)."""
+        from cookbook.convert import megatron_to_hf_tensors
+
+        return {name: t.detach().to(torch.float32 if self.cfg.model.params_dtype == "float32" else t.dtype)
+                for name, t in megatron_to_hf_tensors(self.model.state_dict().items(), self.cfg)}
+
+    def export_hf_checkpoint(self, out_dir: str) -> str:
+        from cookbook.convert import export_megatron_to_hf
+
+        return str(export_megatron_to_hf(self.model, self.cfg, self.hf_dir, out_dir))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, run_dir: str, step: int, loop_state: dict[str, Any]) -> str:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return str(save_checkpoint(run_dir, step, state, loop_state))
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        state, loop_state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return loop_state
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
