@@ -1,0 +1,105 @@
+"""Reading an HF safetensors checkpoint lazily and checking it against the name table before any write."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from safetensors import safe_open
+
+from cookbook.config import ModelConfig
+from cookbook.convert.names import Mapping, hf_shape
+
+# Files a model directory carries besides weights and config (copied to every HF output).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "tiktoken.model")
+# HF tensors that carry no weights of the architecture and are skipped everywhere.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the preset's architecture; the message lists every problem found."""
+
+
+def read_index(hf_dir: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> shard file name, from ``model.safetensors.index.json`` or a single ``model.safetensors``."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = hf_dir / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, "pt") as f:
+            return {k: single.name for k in f.keys()}
+    raise FileNotFoundError(f"{hf_dir}: neither model.safetensors.index.json nor model.safetensors found")
+
+
+class ShardReader:
+    """Lazy tensor access across shards: only the requested tensors are read into memory."""
+
+    def __init__(self, hf_dir: str | os.PathLike, index: Optional[dict[str, str]] = None):
+        self.dir = Path(hf_dir)
+        self.index = index if index is not None else read_index(hf_dir)
+        self._open: dict[str, object] = {}
+
+    def _handle(self, shard: str):
+        if shard not in self._open:
+            self._open.clear()  # one shard open at a time keeps the mapped memory bounded
+            self._open[shard] = safe_open(self.dir / shard, "pt")
+        return self._open[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(self.index[name]).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.index[name]).get_slice(name).get_shape())
+
+    def nbytes(self, name: str) -> int:
+        sl = self._handle(self.index[name]).get_slice(name)
+        dtype = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4}.get(sl.get_dtype(), 4)
+        n = 1
+        for d in sl.get_shape():
+            n *= d
+        return n * dtype
+
+
+def check_checkpoint(reader: ShardReader, m: ModelConfig, mappings: Iterable[Mapping],
+                     full: bool = True) -> None:
+    """Every expected tensor present with the right shape, every shard present, and (with ``full``) no
+    tensor the table does not know. Raises ``CheckpointMismatch`` naming each problem and the fix."""
+    problems: list[str] = []
+    missing_shards = sorted({s for s in reader.index.values() if not (reader.dir / s).is_file()})
+    for shard in missing_shards:
+        problems.append(f"shard {shard} is listed in the index but missing from {reader.dir}")
+    expected = [name for mp in mappings for name in mp.hf]
+    known = set(expected)
+    for name in expected:
+        if name not in reader.index:
+            problems.append(f"tensor '{name}' is missing")
+        elif reader.index[name] not in missing_shards:
+            have, want = reader.shape(name), hf_shape(m, name)
+            if have != want:
+                problems.append(f"tensor '{name}' has shape {list(have)}, the preset needs {list(want)}")
+    if full:
+        unexpected = [n for n in reader.index if n not in known and not n.endswith(IGNORED_SUFFIXES)]
+        for name in unexpected[:20]:
+            problems.append(f"unexpected tensor '{name}' (not in the DeepSeek-V3 name table)")
+        if len(unexpected) > 20:
+            problems.append(f"... and {len(unexpected) - 20} more unexpected tensors")
+        if any(n.endswith("_scale_inv") for n in unexpected):
+            problems.append("the checkpoint is fp8-quantized: cast it first (cookbook.convert.fp8.cast_fp8_to_bf16)")
+    if problems:
+        raise CheckpointMismatch(f"{reader.dir} does not fit preset '{m.name}':\n  " + "\n  ".join(problems))
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer and generation files that exist in ``src``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,155 @@
+"""HF DeepSeek-V3-architecture safetensors -> Megatron-Core torch_dist checkpoint, streaming.
+
+Everything is checked before anything is written (the preset against config.json, every shard, every
+tensor name and shape). Then units (a layer, or a slice of a layer's experts, each about one HF shard of
+bytes) are read tensor by tensor, mapped through ``names.RULES`` and saved; a unit's marker makes an
+interrupted run resume after it. With ``layers``/``part`` a process converts only its layer range; the
+process with ``finalize=True`` waits for every unit and merges them (see ``mcore_ckpt``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from cookbook.config import ConfigError, CookbookConfig
+from cookbook.convert.hf_io import ShardReader, check_checkpoint
+from cookbook.convert.mcore_ckpt import (UNITS_DIR, base_name, layer_and_expert, merge_units,
+                                         meta_sharded_state_dict, save_unit)
+from cookbook.convert.names import Mapping, all_mappings
+from cookbook.convert.names import hf_to_mcore as fuse_hf_tensors
+from cookbook.convert.staging import Staging
+from cookbook.models.hf_config import check_hf_config, read_hf_config
+
+
+def part_layers(num_layers: int, part: tuple[int, int]) -> range:
+    """Layer range of part ``i`` of ``n`` (contiguous, sizes differing by at most one)."""
+    i, n = part
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"part {i}/{n} is not valid: need 0 <= i < n")
+    start = i * num_layers // n
+    return range(start, (i + 1) * num_layers // n)
+
+
+@dataclasses.dataclass
+class Unit:
+    name: str
+    mappings: list[Mapping]
+    nbytes: int
+
+
+def plan_units(mappings: list[Mapping], reader: ShardReader, max_bytes: int) -> list[Unit]:
+    """Group the table into units: embeddings, final norm/output, and per layer its non-expert tensors plus
+    routed experts in slices of at most ``max_bytes``."""
+    groups: dict[str, list[Mapping]] = {}
+    for mp in mappings:
+        if mp.layer is None:
+            key = "top-embed" if "embed" in mp.hf[0] else "top-final"
+        else:
+            key = f"layer-{mp.layer:04d}" + ("-experts" if mp.expert is not None else "")
+        groups.setdefault(key, []).append(mp)
+    units = []
+    for key, maps in groups.items():
+        sizes = [sum(reader.nbytes(h) for h in mp.hf) for mp in maps]
+        if not key.endswith("-experts"):
+            units.append(Unit(key, maps, sum(sizes)))
+            continue
+        current: list[Mapping] = []
+        total = 0
+        for mp, size in zip(maps, sizes):
+            expert_starts = mp.hf[0].endswith("gate_proj.weight")
+            if current and expert_starts and total + size > max_bytes:
+                units.append(Unit(f"{key}-{len(units):05d}", current, total))
+                current, total = [], 0
+            current.append(mp)
+            total += size
+        units.append(Unit(f"{key}-{len(units):05d}", current, total))
+    return units
+
+
+def _checked_source(cfg: CookbookConfig, hf_dir: Path) -> ShardReader:
+    hf_cfg = read_hf_config(hf_dir)
+    if hf_cfg.get("quantization_config"):
+        raise ConfigError(f"{hf_dir}/config.json has a quantization_config (fp8 weights): cast to bf16 first "
+                          "with cookbook.convert.fp8.cast_fp8_to_bf16 (the notebook does this for DeepSeek-V3)")
+    check_hf_config(hf_cfg, cfg.model, where=str(hf_dir / "config.json"))
+    reader = ShardReader(hf_dir)
+    check_checkpoint(reader, cfg.model, all_mappings(cfg.model))
+    return reader
+
+
+def hf_to_mcore(cfg: CookbookConfig, hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                overwrite: bool = False, part: tuple[int, int] = (0, 1), finalize: Optional[bool] = None,
+                max_unit_bytes: Optional[int] = None, progress: bool = True) -> Optional[Path]:
+    """Convert; returns the checkpoint folder once finalized (None for a part that does not finalize).
+
+    ``part=(i, n)`` converts layer range i of n (part 0 also the embeddings, part n-1 the final norm and
+    output layer); by default part 0 finalizes after waiting for the others' markers.
+    """
+    hf_dir = Path(hf_dir)
+    reader = _checked_source(cfg, hf_dir)
+    m = cfg.model
+    finalize = part[0] == 0 if finalize is None else finalize
+    max_unit_bytes = max_unit_bytes or max((hf_dir / s).stat().st_size for s in set(reader.index.values()))
+    job = {"job": "hf_to_mcore", "src": str(hf_dir.resolve()), "preset": m.name, "dtype": m.params_dtype,
+           "parts": part[1], "max_unit_bytes": max_unit_bytes}
+    staging = Staging(out_dir, job, overwrite).open()
+
+    sharded = meta_sharded_state_dict(cfg)
+    by_mcore = {base_name(name): [] for name in sharded}
+    for name, entry in sharded.items():
+        by_mcore[base_name(name)].append((name, entry))
+    table = {mp.mcore for mp in all_mappings(m)}
+    untabled = sorted(set(by_mcore) - table)
+    if untabled:
+        raise RuntimeError(f"Megatron tensors without a rule in cookbook.convert.names.RULES: {untabled[:5]}")
+
+    all_units = plan_units(all_mappings(m), reader, max_unit_bytes)
+    mine = plan_units(all_mappings(m, part_layers(m.num_layers, part)), reader, max_unit_bytes)
+    todo = [u for u in mine if not staging.done(u.name)]
+    bar = tqdm(total=sum(u.nbytes for u in mine), unit="B", unit_scale=True, disable=not progress,
+               desc=f"HF -> Megatron part {part[0]}/{part[1]}")
+    bar.update(sum(u.nbytes for u in mine if staging.done(u.name)))
+    for unit in todo:
+        entries = {}
+        for mp in unit.mappings:
+            tensor = None
+            for name, entry in by_mcore[mp.mcore]:
+                if name.endswith("._extra_state"):
+                    entries[name] = entry
+                    continue
+                if tensor is None:
+                    tensor = fuse_hf_tensors([reader.get(h) for h in mp.hf])
+                entry = dataclasses.replace(entry)
+                entry.data = tensor.to(entry.data.dtype).contiguous()
+                entries[name] = entry
+        save_unit(entries, staging.dir / UNITS_DIR / unit.name)
+        del entries
+        staging.mark(unit.name)
+        bar.update(unit.nbytes)
+    bar.close()
+    if not finalize:
+        return None
+    staging.wait_for([u.name for u in all_units])
+    merge_units(staging.dir, [u.name for u in all_units])
+    (staging.dir / "cookbook_convert.json").write_text(json.dumps(
+        {"source": str(hf_dir.resolve()), "preset": m.name, "params_dtype": m.params_dtype,
+         "format": "megatron-core torch_dist", "num_units": len(all_units)}, indent=2) + "\n")
+    from cookbook.convert.hf_io import copy_tokenizer_files
+
+    copy_tokenizer_files(hf_dir, staging.dir)
+    return staging.finish()
+
+
+def load_megatron_checkpoint(model, ckpt_dir: str | os.PathLike, strict: bool = True) -> None:
+    """Load a converted (or trained) torch_dist checkpoint into a model built under any layout."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state, strict=strict)
+

@@ -1,0 +1,100 @@
+"""The project's MLA core attention: softmax(q k^T * scale) v with a causal mask.
+
+Megatron-Core's local ``DotProductAttention`` rejects MLA's different key and value head sizes
+(``k_channels`` = qk_nope + qk_rope = 192, ``v_channels`` = 128 in the real models) and Transformer Engine
+is not available on CPU, so the layer spec puts this module in its place. On CPU it is torch's
+``scaled_dot_product_attention``; on GPU, when ``grpo.use_fused_kernels`` is set, it calls the project's
+fused Triton kernel ``kernels.mla_attention.mla_attention`` (varlen layout, causal).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def load_fused_kernel() -> Optional[Callable]:
+    """The fused MLA kernel when CUDA and ``kernels.mla_attention`` are both present, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from kernels.mla_attention import mla_attention
+    except ImportError:
+        return None
+    return mla_attention
+
+
+class MLACoreAttention(MegatronModule):
+    """Core attention for ``MLASelfAttention``: query/key ``[s, b, h, dk]``, value ``[s, b, h, dv]``,
+    output ``[s, b, h * dv]``; packed sequences (``thd``: ``[t, h, d]`` with ``cu_seqlens``) attend
+    within their own segment only."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        use_fused_kernel: bool = False,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise NotImplementedError(
+                f"context_parallel_size={config.context_parallel_size}: MLACoreAttention has no context "
+                "parallelism yet; set parallel.context=1")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.k_channels = k_channels
+        self.v_channels = v_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else (k_channels or 1) ** -0.5
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.fused_kernel = load_fused_kernel() if use_fused_kernel else None
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **unused):
+        if attention_bias is not None:
+            raise NotImplementedError("MLACoreAttention does not take an attention bias")
+        dropout = self.dropout_p if self.training else 0.0
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params.cu_seqlens_q, dropout)
+        s, b, h, _ = query.shape
+        if self.fused_kernel is not None and attention_mask is None and dropout == 0.0:
+            cu = torch.arange(0, (b + 1) * s, s, device=query.device, dtype=torch.int32)
+            out = self.fused_kernel(*(x.transpose(0, 1).reshape(b * s, h, x.shape[-1]) for x in (query, key, value)),
+                                    cu, s, self.softmax_scale)
+            return out.view(b, s, -1).transpose(0, 1).contiguous()
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale)
+        else:  # Megatron's convention: True = masked out; keep the causal mask as well
+            causal = torch.ones(s, k.shape[2], dtype=torch.bool, device=q.device).tril()
+            allowed = causal & ~attention_mask.to(torch.bool)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
+                                                 scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _packed(self, query, key, value, cu_seqlens, dropout):
+        """``[t, h, d]`` packed sequences: causal attention inside each ``cu_seqlens`` segment."""
+        if query.dim() == 4:  # [t, 1, h, d]
+            query, key, value = (x.squeeze(1) for x in (query, key, value))
+        t, h, _ = query.shape
+        if self.fused_kernel is not None and dropout == 0.0:
+            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            return self.fused_kernel(query, key, value, cu_seqlens, max_len, self.softmax_scale).reshape(t, -1)
+        out = query.new_zeros(t, h, value.shape[-1])
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))  # [h, n, d]
+            out[start:end] = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale).transpose(0, 1)
+        return out.reshape(t, -1)
