@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,7 @@ from cookbook.convert.hf_io import ShardReader, check_checkpoint
 from cookbook.convert.mcore_ckpt import (UNITS_DIR, base_name, layer_and_expert, merge_units,
                                          meta_sharded_state_dict, save_unit)
 from cookbook.convert.names import Mapping, all_mappings
-from cookbook.convert.names import hf_to_mcore as fuse_hf_tensors
+from cookbook.convert.names import to_mcore_tensor
 from cookbook.convert.staging import Staging
 from cookbook.models.hf_config import check_hf_config, read_hf_config
 
@@ -124,7 +125,7 @@ def hf_to_mcore(cfg: CookbookConfig, hf_dir: str | os.PathLike, out_dir: str | o
                     entries[name] = entry
                     continue
                 if tensor is None:
-                    tensor = fuse_hf_tensors([reader.get(h) for h in mp.hf])
+                    tensor = to_mcore_tensor([reader.get(h) for h in mp.hf])
                 entry = dataclasses.replace(entry)
                 entry.data = tensor.to(entry.data.dtype).contiguous()
                 entries[name] = entry
@@ -143,6 +144,7 @@ def hf_to_mcore(cfg: CookbookConfig, hf_dir: str | os.PathLike, out_dir: str | o
     from cookbook.convert.hf_io import copy_tokenizer_files
 
     copy_tokenizer_files(hf_dir, staging.dir)
+    shutil.copy2(hf_dir / "config.json", staging.dir / "hf_config.json")  # token ids etc. for the way back
     return staging.finish()
 
 

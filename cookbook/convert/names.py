@@ -150,12 +150,12 @@ def hf_shape(m: ModelConfig, name: str) -> tuple[int, ...]:
     raise KeyError(f"no shape rule for HF tensor '{name}'")
 
 
-def hf_to_mcore(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def to_mcore_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """HF tensor(s) of one mapping -> the Megatron tensor (fc1 = cat[gate; up] along the output rows)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=0)
 
 
-def mcore_to_hf(mapping: Mapping, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def to_hf_tensors(mapping: Mapping, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """The inverse: split a fused fc1 back into gate and up (views, no copy)."""
     if not mapping.fused:
         return [(mapping.hf[0], tensor)]
@@ -191,7 +191,7 @@ def megatron_to_hf_tensors(state_dict_items) -> Iterator[tuple[str, torch.Tensor
         if name.endswith("_extra_state") or name.endswith("local_tokens_per_expert"):
             continue
         name = name.removeprefix("module.")
-        yield from mcore_to_hf(mapping_for_mcore_name(name), tensor)
+        yield from to_hf_tensors(mapping_for_mcore_name(name), tensor)
 
 
 def mapping_table(m: ModelConfig, layers: Optional[Sequence[int]] = None, max_experts: int = 2) -> list[dict]:

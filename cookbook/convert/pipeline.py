@@ -1,0 +1,91 @@
+"""The conversion steps as the notebook and ``cookbook convert`` run them, and the checks that prove them:
+the HF -> Megatron -> HF round trip (bit-exact) and the HF-vs-Megatron logit comparison."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+from cookbook.config import ConfigError, CookbookConfig
+from cookbook.convert.hf_io import read_index
+
+DIRECTIONS = ("hf_to_mcore", "mcore_to_hf", "fp8_to_bf16")
+
+
+def part_from_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of a batch job (PyTorchJob sets them), else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def needs_fp8_cast(hf_dir: str | os.PathLike) -> bool:
+    return bool(json.loads((Path(hf_dir) / "config.json").read_text()).get("quantization_config"))
+
+
+def convert(cfg: CookbookConfig, direction: str, src: str | os.PathLike, out: str | os.PathLike,
+            overwrite: bool = False, part: Optional[tuple[int, int]] = None,
+            tokenizer_dir: Optional[str | os.PathLike] = None, progress: bool = True) -> Optional[Path]:
+    """One conversion step (the CLI's ``cookbook convert``). ``part=(i, n)`` (default: RANK/WORLD_SIZE)
+    splits it across processes or nodes; part 0 finalizes. Returns the output folder once complete."""
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"direction '{direction}' is unknown; choose one of {', '.join(DIRECTIONS)}")
+    part = part or part_from_env()
+    if direction == "hf_to_mcore":
+        from cookbook.convert.hf_to_mcore import hf_to_mcore
+
+        return hf_to_mcore(cfg, src, out, overwrite=overwrite, part=part, progress=progress)
+    if direction == "mcore_to_hf":
+        from cookbook.convert.mcore_to_hf import mcore_to_hf
+
+        return mcore_to_hf(cfg, src, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite, part=part,
+                           progress=progress)
+    from cookbook.convert.fp8 import cast_fp8_to_bf16
+
+    return cast_fp8_to_bf16(src, out, overwrite=overwrite, progress=progress) if part[0] == 0 else None
+
+
+def round_trip_check(hf_dir: str | os.PathLike, hf_back_dir: str | os.PathLike) -> dict:
+    """Compare every tensor of two HF checkpoints bit for bit (names, dtypes, shapes, bytes)."""
+    a_index, b_index = read_index(hf_dir), read_index(hf_back_dir)
+    only_a, only_b = sorted(set(a_index) - set(b_index)), sorted(set(b_index) - set(a_index))
+    mismatched = []
+    total = 0
+    for name in sorted(set(a_index) & set(b_index)):
+        with safe_open(Path(hf_dir) / a_index[name], "pt") as fa, safe_open(Path(hf_back_dir) / b_index[name], "pt") as fb:
+            ta, tb = fa.get_tensor(name), fb.get_tensor(name)
+        total += ta.numel() * ta.element_size()
+        same = ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta.view(torch.uint8), tb.view(torch.uint8))
+        if not same:
+            mismatched.append(name)
+    return {"tensors": len(set(a_index) & set(b_index)), "bytes": total, "bit_exact": not (mismatched or only_a or only_b),
+            "mismatched": mismatched, "only_in_source": only_a, "only_in_round_trip": only_b}
+
+
+def compare_logits(cfg: CookbookConfig, hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike,
+                   batch: int = 2, seq_len: int = 32, seed: int = 0) -> dict:
+    """Logits of the HF model (transformers) and of the Megatron model loaded from the converted
+    checkpoint, on the same random tokens, in float32; returns the max / mean absolute difference."""
+    import transformers
+
+    from cookbook.convert.hf_to_mcore import load_megatron_checkpoint
+    from cookbook.convert.mcore_ckpt import single_process_config
+    from cookbook.megatron.model import build_model, forward_logits, init_parallel
+
+    single = single_process_config(cfg)
+    init_parallel(single)
+    model = build_model(single)
+    load_megatron_checkpoint(model, ckpt_dir)
+    model.eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    hf.eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        mcore_logits = forward_logits(model, ids).float()
+        hf_logits = hf(ids).logits.float()
+    diff = (mcore_logits - hf_logits).abs()
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "max_abs_logit": float(hf_logits.abs().max()), "dtype": cfg.model.params_dtype,
+            "same_argmax": float((mcore_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean())}
