@@ -1,0 +1,132 @@
+"""The rollout engine: vLLM built from the policy's HF directory, sampling n responses per prompt.
+
+Prompts are tokenized here with the model's chat template (the trainer sees exactly these ids), and
+each sample carries the log-prob vLLM assigned to every generated token, so the trainer can measure
+the rollout-vs-trainer mismatch. New weights arrive every step by name (HF names) without a
+checkpoint on disk.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+
+from cookbook.config import CookbookConfig
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class RolloutSample:
+    prompt_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+
+
+def _engine_env(cfg: CookbookConfig) -> None:
+    """In-process engine (no spawn; 3 s instead of 17 s on CPU) and a small KV cache on CPU."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if cfg.parallel.gpus_per_node == 0:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class RolloutWorker:
+    """One vLLM engine (a Ray actor on CPU; TP ranks live inside vLLM on GPU)."""
+
+    def __init__(self, hf_dir: str, cfg: CookbookConfig):
+        _engine_env(cfg)
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        from cookbook.rollout import compat
+
+        self.cfg = cfg
+        self.fixes = compat.apply_before_engine()
+        self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        g, p = cfg.grpo, cfg.parallel
+        kwargs: dict[str, Any] = {}
+        if p.gpus_per_node:
+            kwargs["gpu_memory_utilization"] = p.rollout_gpu_memory_utilization
+        self.llm = LLM(
+            model=hf_dir, dtype="float32" if cfg.model.params_dtype == "float32" else "bfloat16",
+            max_model_len=g.max_prompt_length + g.max_response_length, seed=cfg.seed, enforce_eager=True,
+            tensor_parallel_size=p.rollout_tensor, worker_extension_cls="cookbook.rollout.worker_ext.WeightSyncExtension",
+            max_num_seqs=256, enable_prefix_caching=False, **kwargs)
+        self._sync_file = Path(shm_dir()) / f"cookbook-weights-{os.getpid()}.safetensors"
+
+    def ready(self) -> list[str]:
+        return self.fixes
+
+    def encode(self, prompt: Union[Messages, list[int]]) -> list[int]:
+        if prompt and isinstance(prompt[0], int):
+            return list(prompt)
+        ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        limit = self.cfg.grpo.max_prompt_length
+        if len(ids) > limit:
+            raise ValueError(f"a prompt has {len(ids)} tokens, over grpo.max_prompt_length={limit}")
+        return list(ids)
+
+    def generate(self, prompts: list[Union[Messages, list[int]]], n: int, temperature: float, top_p: float = 1.0,
+                 top_k: int = -1, max_tokens: int = 64, seed: Optional[int] = None) -> list[RolloutSample]:
+        """``n`` samples per prompt, ordered prompt by prompt; reproducible for a given ``seed``."""
+        from vllm import SamplingParams, TokensPrompt
+
+        encoded = [self.encode(p) for p in prompts]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                                 max_tokens=max_tokens, logprobs=0,
+                                 seed=None if seed is None else (seed + i) % 2**31)
+                  for i in range(len(encoded))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params,
+                                    use_tqdm=False)
+        samples = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                logps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids)]
+                samples.append(RolloutSample(i, encoded[i], list(c.token_ids), c.text, logps,
+                                             c.finish_reason or "stop"))
+        return samples
+
+    def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-prob of each token given the ones before it (first token excluded), for sync checks."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False)
+        return [[float(step[tok].logprob) for step, tok in zip(o.prompt_logprobs[1:], ids[1:])]
+                for o, ids in zip(outs, token_ids)]
+
+    def update_weights(self, named_tensors: Union[dict[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+                       ) -> dict[str, float]:
+        """Load HF-named weights into the engine through a shared-memory file; returns timing for the log."""
+        from safetensors.torch import save_file
+
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        tensors = {name: t.detach().contiguous() for name, t in items}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        t0 = time.perf_counter()
+        save_file(tensors, str(self._sync_file))
+        t1 = time.perf_counter()
+        try:
+            self.llm.collective_rpc("cookbook_load_weights", args=(str(self._sync_file),))
+        finally:
+            self._sync_file.unlink(missing_ok=True)
+        t2 = time.perf_counter()
+        return {"bytes": float(nbytes), "write_s": t1 - t0, "load_s": t2 - t1, "seconds": t2 - t0,
+                "gb_per_s": nbytes / max(t2 - t0, 1e-9) / 1e9}
+
+    def shutdown(self) -> None:
+        self._sync_file.unlink(missing_ok=True)
+        del self.llm
