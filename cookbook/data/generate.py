@@ -27,7 +27,7 @@ TEST_FRACTION = 0.15  # share of all possible problem texts reserved for the tes
 
 def _hi(level: int) -> int:
     """Largest operand at each level."""
-    return (9, 20, 50, 99, 199)[level - 1]
+    return (5, 9, 15, 25, 40)[level - 1]
 
 
 def frac_tex(q: Fraction) -> str:

@@ -23,9 +23,9 @@ from cookbook.atomic import atomic_dir
 from cookbook.config import ConfigError, CookbookConfig
 from cookbook.models.hf_config import check_hf_config, hf_config_dict, read_hf_config
 
-BUILDER_VERSION = 1  # bump when the recipe below changes: it invalidates cached builds
+BUILDER_VERSION = 2  # bump when the recipe below changes: it invalidates cached builds
 WARMUP_ROWS = 6000
-WARMUP_STEPS = 500
+WARMUP_STEPS = 600
 WARMUP_BATCH = 64
 WARMUP_LR = 3e-3
 EVAL_ROWS = 200
@@ -132,7 +132,7 @@ def build_tiny_model(cfg: CookbookConfig, cache_dir: str | Path | None = None, f
 
     responses = greedy_answers(model, tokenizer, [r["problem"] + suffix for r in test_rows])
     report = {"params": params, "warmup_steps": WARMUP_STEPS, "warmup_batch": WARMUP_BATCH,
-              "final_loss": float(loss), "greedy_accuracy": _accuracy(responses, test_rows),
+              "final_loss": float(loss.detach()), "greedy_accuracy": _accuracy(responses, test_rows),
               "eval_rows": len(test_rows), "build_seconds": round(time.perf_counter() - t0, 1),
               "seed": cfg.seed, "builder_version": BUILDER_VERSION,
               "examples": [{"problem": r["problem"], "response": resp} for r, resp in zip(test_rows[:5], responses)]}
