@@ -8,8 +8,8 @@ sync and an HF checkpoint at the end.
 """
 from __future__ import annotations
 
-import copy
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +20,11 @@ from cookbook.config import CookbookConfig
 from cookbook.grpo import algorithm as A
 from cookbook.grpo.checkpoint import load_checkpoint, save_checkpoint
 from cookbook.models.hf_config import read_hf_config
+
+
+def mcore_dir(cfg: CookbookConfig) -> Path:
+    """Where the converted Megatron checkpoint of the initial policy lives (notebook 20 writes it)."""
+    return Path(cfg.model.mcore_dir) if cfg.model.mcore_dir else cfg.run_dir / "mcore"
 
 
 def _micro_slices(n: int, size: int) -> Iterator[slice]:
@@ -41,7 +46,8 @@ class PolicyTrainer:
         self.model = build_model(cfg)
         self._load_initial_weights(hf_dir)
         self.hf_dir = hf_dir
-        self.ref_model = copy.deepcopy(self.model).eval()
+        self.ref_model = build_model(cfg).eval()  # the initial policy, frozen (a deepcopy cannot copy groups)
+        self.ref_model.load_state_dict(self.model.state_dict())
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
         g = cfg.grpo
@@ -52,16 +58,15 @@ class PolicyTrainer:
 
     # -- set-up -------------------------------------------------------------------------------
     def _load_initial_weights(self, hf_dir: str) -> None:
-        """From the converted Megatron checkpoint (notebook 20) when present, else straight from HF."""
-        from cookbook.convert import load_mcore_checkpoint, load_hf_into_megatron
+        """From the converted Megatron checkpoint (notebook 20); converted first when it is missing."""
+        from cookbook.convert.hf_to_mcore import load_megatron_checkpoint
+        from cookbook.convert.pipeline import convert
 
-        mcore = Path(self.cfg.model.mcore_dir) if self.cfg.model.mcore_dir else self.cfg.run_dir / "mcore"
-        if mcore.is_dir():
-            load_mcore_checkpoint(self.model, mcore)
-            self.init_source = str(mcore)
-        else:
-            load_hf_into_megatron(self.model, hf_dir, self.cfg)
-            self.init_source = hf_dir
+        mcore = mcore_dir(self.cfg)
+        if not mcore.is_dir():
+            convert(self.cfg, "hf_to_mcore", hf_dir, mcore, part=(0, 1), progress=False)
+        load_megatron_checkpoint(self.model, mcore)
+        self.init_source = str(mcore)
 
     def ready(self) -> str:
         return self.init_source
@@ -121,7 +126,7 @@ class PolicyTrainer:
                     sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)
             self.optimizer.step()
-            update_router_expert_bias(self.model, self.cfg)
+            update_router_expert_bias(self.model)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * len(mb)
             n_updates += 1
         metrics.update({f"actor/{k}": v / len(input_ids) for k, v in sums.items()})
@@ -133,15 +138,25 @@ class PolicyTrainer:
     # -- weights out --------------------------------------------------------------------------
     def export_hf_weights(self) -> dict[str, torch.Tensor]:
         """HF-named tensors for the rollout engine (the convert name table, streamed)."""
-        from cookbook.convert import megatron_to_hf_tensors
+        from cookbook.convert.names import megatron_to_hf_tensors
 
-        return {name: t.detach().to(torch.float32 if self.cfg.model.params_dtype == "float32" else t.dtype)
-                for name, t in megatron_to_hf_tensors(self.model.state_dict().items(), self.cfg)}
+        return {name: t.detach().clone() for name, t in megatron_to_hf_tensors(self.model.state_dict().items())}
 
     def export_hf_checkpoint(self, out_dir: str) -> str:
-        from cookbook.convert import export_megatron_to_hf
+        """The trained policy as an HF directory: a torch_dist save, then the same export as notebook 20."""
+        from megatron.core import dist_checkpointing
 
-        return str(export_megatron_to_hf(self.model, self.cfg, self.hf_dir, out_dir))
+        from cookbook.convert.mcore_to_hf import mcore_to_hf
+
+        staging = Path(out_dir).with_name(Path(out_dir).name + ".mcore")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        dist_checkpointing.save(self.model.sharded_state_dict(), str(staging))
+        try:
+            return str(mcore_to_hf(self.cfg, staging, out_dir, tokenizer_dir=self.hf_dir, overwrite=True,
+                                   progress=False))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, run_dir: str, step: int, loop_state: dict[str, Any]) -> str:
