@@ -1,0 +1,70 @@
+"""What notebook 30 shows around the loop: the recipe in effect, the inputs it starts from, the results."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cookbook.analysis.metrics import read_metrics, series
+from cookbook.config import CookbookConfig
+from cookbook.grpo.checkpoint import latest_checkpoint
+from cookbook.grpo.policy import mcore_dir
+
+RECIPE_KEYS = (
+    "grpo.steps", "grpo.lr", "grpo.prompts_per_step", "grpo.samples_per_prompt", "grpo.num_minibatches",
+    "grpo.max_prompt_length", "grpo.max_response_length", "grpo.clip_low", "grpo.clip_high",
+    "grpo.logratio_clamp", "grpo.loss_cap", "grpo.loss_aggregation", "grpo.advantage", "grpo.kl_coef",
+    "grpo.importance_correction", "grpo.temperature", "grpo.eval_temperature", "grpo.eval_every",
+    "moe.router_load_balancing_type", "moe.aux_loss_coeff", "moe.router_enable_expert_bias",
+    "moe.router_bias_update_rate", "parallel.tensor", "parallel.pipeline", "parallel.context", "parallel.expert",
+    "parallel.rollout_tensor", "parallel.colocate", "model.params_dtype",
+)
+
+
+def recipe_table(cfg: CookbookConfig):
+    """The settings that define the recipe, one row each."""
+    import pandas as pd
+
+    rows = []
+    for key in RECIPE_KEYS:
+        section, name = key.split(".")
+        rows.append({"key": key, "value": getattr(getattr(cfg, section), name)})
+    return pd.DataFrame(rows).set_index("key")
+
+
+def check_inputs(cfg: CookbookConfig):
+    """The data (prepared when missing), the policy's HF and Megatron checkpoints, and any checkpoint to
+    resume from, as a table; stops with a clear error when something cannot be found or made."""
+    import pandas as pd
+
+    from cookbook.data.prepare import prepare_data
+    from cookbook.models.tiny import resolve_hf_dir
+
+    data = prepare_data(cfg)
+    hf_dir = resolve_hf_dir(cfg)
+    mcore = mcore_dir(cfg)
+    resume = latest_checkpoint(cfg.run_dir)
+    rows = [
+        {"input": "data", "where": str(data.out_dir), "state": f"{data.counts['train']} train / {data.counts['test']} test"},
+        {"input": "policy (HF)", "where": str(hf_dir), "state": "ok"},
+        {"input": "policy (Megatron-Core)", "where": str(mcore),
+         "state": "converted" if mcore.is_dir() else "missing: converted when training starts"},
+        {"input": "resume from", "where": str(resume[1]) if resume else "-",
+         "state": f"step {resume[0]}" if resume else "fresh start"},
+    ]
+    return pd.DataFrame(rows).set_index("input")
+
+
+def summary_tables(run_dir: str | os.PathLike):
+    """(eval accuracy at the first and last evaluation, mean seconds per step phase) as DataFrames."""
+    import pandas as pd
+
+    rows = read_metrics(run_dir)
+    steps, acc = series(rows, "eval/accuracy")
+    accuracy = pd.DataFrame({"step": steps, "eval accuracy": acc}).set_index("step")
+    if len(accuracy) > 2:
+        accuracy = accuracy.iloc[[0, -1]]
+    phases = ("rollout", "reward", "train", "sync", "eval", "step")
+    timing = {p: [r[f"time/{p}"] for r in rows if r.get(f"time/{p}") is not None] for p in phases}
+    timing_df = pd.DataFrame([{"phase": p, "mean seconds": sum(v) / len(v), "steps": len(v)}
+                              for p, v in timing.items() if v]).set_index("phase")
+    return accuracy, timing_df
