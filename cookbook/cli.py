@@ -49,6 +49,27 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from cookbook.convert.pipeline import convert
+
+    cfg = _open(args)
+    out = convert(cfg, args.direction, args.src, args.out, overwrite=args.overwrite,
+                  tokenizer_dir=args.tokenizer_dir or None)
+    print(f"converted: {out}" if out else "this part is done; part 0 finalizes")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cookbook.data.prepare import prepare_data
+    from cookbook.grpo.loop import train
+
+    cfg = _open(args)
+    prepare_data(cfg)
+    result = train(cfg, progress=not args.no_progress, stop_after=args.stop_after or None)
+    print(f"trained {result.steps_done} steps in {result.run_dir}; HF export: {result.hf_export or '-'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cookbook.runner import parse_cli_value, run_notebook
 
@@ -87,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="build the tiny model (cached) or check a real preset's HF directory")
     _common(p)
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("convert", help="checkpoint conversion (notebook 20): hf_to_mcore | mcore_to_hf | fp8_to_bf16")
+    _common(p)
+    p.add_argument("--direction", required=True, choices=("hf_to_mcore", "mcore_to_hf", "fp8_to_bf16"))
+    p.add_argument("--src", required=True, help="source checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--tokenizer-dir", default="", help="mcore_to_hf: where tokenizer files come from")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="GRPO training (notebook 30); resumes from the run folder's checkpoints")
+    _common(p)
+    p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps of this call")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="execute a notebook headless with papermill into runs/<run>/notebooks/")
     p.add_argument("notebook", help="a notebook name (10_data) or path")
