@@ -23,9 +23,9 @@ def make_random_tiny_hf(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**hf_cfg))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "e_score_correction_bias" in name:
-                p.normal_(0, 0.1)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.1)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -1,0 +1,88 @@
+"""The tiny model: tokenizer and chat template, vLLM-compatible architecture, cached atomic build."""
+import json
+
+import pytest
+import transformers
+
+from cookbook.config import ConfigError, load_config
+from cookbook.models.hf_config import check_hf_config, hf_config_dict
+from cookbook.models.tiny import build_key, build_tiny_model, load_warmup_report, resolve_hf_dir
+from cookbook.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
+
+SUFFIX = load_config("tiny").data.prompt_suffix
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from cookbook.data.generate import generate_rows
+
+    rows = generate_rows(400, 0)
+    return train_tokenizer([r["problem"] + SUFFIX for r in rows] + [r["solution"] for r in rows], 512)
+
+
+def test_tokenizer_round_trip_and_single_digit_tokens(tokenizer):
+    text = "What is $18 \\times 3$? 18*3=54. The answer is $\\boxed{54}$."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("12345", add_special_tokens=False)["input_ids"])
+    assert tokens == ["1", "2", "3", "4", "5"]
+
+
+def test_chat_template_renders_the_prompt_and_generation_marker(tokenizer, tmp_path):
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text == "<|bos|><|user|>What is 2+2?<|assistant|>"
+    tokenizer.save_pretrained(tmp_path)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert again.chat_template == CHAT_TEMPLATE
+    assert again.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == text
+
+
+def test_architecture_follows_the_vllm_cpu_rules():
+    m = load_config("tiny").model
+    cfg = hf_config_dict(m)
+    assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 576
+    assert cfg["topk_method"] == "noaux_tc" and cfg["scoring_func"] == "sigmoid"
+    assert cfg["n_shared_experts"] >= 1 and cfg["first_k_dense_replace"] == 1 and cfg["num_nextn_predict_layers"] == 0
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg))
+    assert any("e_score_correction_bias" in n for n in model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+
+
+def test_build_key_tracks_what_the_build_depends_on():
+    base = load_config("tiny")
+    assert build_key(base) == build_key(load_config("tiny", ["grpo.lr=1e-3"]))
+    assert build_key(base) != build_key(load_config("tiny", ["seed=1"]))
+    assert build_key(base) != build_key(load_config("tiny", ["model.hidden_size=128"]))
+
+
+def test_cached_build_is_reused_and_checked(tmp_path):
+    done = tmp_path / "tiny-done"
+    done.mkdir()
+    (done / "warmup_report.json").write_text(json.dumps({"greedy_accuracy": 0.5}))
+    assert build_tiny_model(load_config("tiny"), cache_dir=done) == done  # a finished build is not redone
+    assert load_warmup_report(done)["greedy_accuracy"] == 0.5
+
+
+def test_real_presets_need_a_matching_local_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="modelscope download --model moonshotai"):
+        resolve_hf_dir(load_config("moonlight-16b-a3b"))
+    ds = load_config("deepseek-v3-671b")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(load_config("moonlight-16b-a3b").model)))
+    ds.model.hf_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match="does not match preset 'deepseek-v3-671b'"):
+        resolve_hf_dir(ds)
+    check_hf_config(hf_config_dict(ds.model), ds.model)
+
+
+@pytest.mark.slow
+def test_the_warmed_up_model_answers_in_boxed_and_gets_some_right():
+    from cookbook.models.tiny import greedy_answers
+
+    hf_dir = resolve_hf_dir(load_config("tiny"))  # built once per machine, then cached
+    report = load_warmup_report(hf_dir)
+    assert report["greedy_accuracy"] > 0.0 and report["params"] < 5_000_000
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir)
+    answers = greedy_answers(model, tok, [e["problem"] + SUFFIX for e in report["examples"]])
+    assert all("\\boxed{" in a for a in answers), answers
