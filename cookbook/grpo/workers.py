@@ -25,6 +25,7 @@ class Workers:
                 pass
             ray.kill(actor)
         remove_placement_group(self.placement_group)
+        ray.shutdown()  # a local Ray started by init_ray goes with the run; a cluster connection is just closed
 
 
 def start_workers(cfg: CookbookConfig) -> Workers:

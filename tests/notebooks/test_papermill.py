@@ -37,3 +37,16 @@ def test_10_data(run_dir):
     record = json.loads(train[0])
     assert record["prompt"][0]["content"].endswith("output the final answer within \\boxed{}.")
     assert (run_dir / "nb" / "plots" / "prompt_lengths.png").is_file()
+
+
+def test_30_grpo_on_tiny(run_dir):
+    out = run_notebook("30_grpo_moonlight", {"preset": "tiny", "steps": 4, "plot_every": 2,
+                                             "overrides": {"grpo.eval_every": 2, "data.max_test_examples": 40,
+                                                           "logging.wandb_mode": "disabled"}},
+                       run_name="nb", runs_dir=str(run_dir), progress=False)
+    assert out.is_file() and not _errors(out)
+    run = run_dir / "nb"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+    assert (run / "plots" / "training.png").is_file() and (run / "hf_export" / "config.json").is_file()
+    assert (run / "mcore").is_dir()  # the policy started from the converted Megatron checkpoint
