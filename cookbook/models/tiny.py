@@ -5,7 +5,8 @@ Steps: generate MATH-schema problems, train a BPE tokenizer on them, build a
 sigmoid noaux_tc router with ``e_score_correction_bias``; a shared expert; the first layer dense), and
 warm it up with supervised learning on worked solutions so that it answers in ``\\boxed{}`` and gets
 some right. The result is an ordinary HF directory, the same kind a user downloads for Moonlight,
-built once per machine and (seed, architecture, builder version), then reused from the cache.
+built once per machine and (seed, architecture, builder version), then reused from the cache
+(``~/.cache/grpo-cookbook`` or ``$COOKBOOK_CACHE``).
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ EVAL_ROWS = 200
 
 
 def cache_root() -> Path:
+    """``$COOKBOOK_CACHE``, else ``~/.cache/grpo-cookbook``: shared by every checkout on the machine."""
     env = os.environ.get("COOKBOOK_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache"
+    return Path(env) if env else Path.home() / ".cache" / "grpo-cookbook"
 
 
 def build_key(cfg: CookbookConfig) -> str:
