@@ -1,4 +1,5 @@
-"""Atomic writes: a file or folder appears under its final name only once it is complete.
+"""Atomic writes: a file or folder appears under its final name only once it is complete (and the
+JSON-lines reader that pairs with ``write_jsonl``).
 
 An interrupted preprocessing, conversion or checkpoint then never leaves a half-written artifact
 that looks finished; the leftover temporary path is recognisable (``.tmp-`` prefix) and replaced
@@ -53,6 +54,20 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def read_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError, unit: str = "line") -> list:
+    """One JSON value per non-empty line; a broken line raises ``error`` naming the file and its number."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise error(f"{path}, {unit} {n}: invalid JSON ({e.msg})") from None
+    return rows
 
 
 @contextlib.contextmanager

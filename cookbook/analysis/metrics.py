@@ -1,10 +1,11 @@
 """Reading a run folder's metrics and plotting the curves people compare (reward, eval accuracy, KL, ...)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from cookbook.atomic import read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,16 +23,7 @@ TRAINING_PANELS = (
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """All step rows of ``metrics.jsonl`` (empty when the run has not logged yet)."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n}: invalid JSON ({e.msg})") from None
-    return rows
+    return read_jsonl(path) if path.exists() else []
 
 
 def series(rows: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

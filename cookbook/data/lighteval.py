@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cookbook.atomic import read_jsonl
 from cookbook.data.preprocess import SPLITS, BadRowError
 
 PLACE_HINT = ("download it with `modelscope download --dataset AI-ModelScope/MATH-lighteval --local_dir DIR` "
@@ -40,14 +41,7 @@ def _read_json_rows(path: Path) -> list[Any]:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise BadRowError(f"{path}, line {e.lineno}: invalid JSON ({e.msg})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise BadRowError(f"{path}, row {n}: invalid JSON ({e.msg})") from None
-    return rows
+    return read_jsonl(path, BadRowError, unit="row")
 
 
 def load_raw(local_dir: str | os.PathLike) -> tuple[dict[str, list[Any]], dict[str, str]]:

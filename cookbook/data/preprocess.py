@@ -5,14 +5,13 @@ number and the reason, unless ``skip_bad_rows`` is set, in which case it is skip
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from cookbook.atomic import write_jsonl
+from cookbook.atomic import read_jsonl, write_jsonl
 from cookbook.data.reward import last_boxed
 
 DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
@@ -101,14 +100,4 @@ def preprocess(raw: dict[str, list[Any]], out_dir: str | os.PathLike, prompt_suf
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a preprocessed JSONL file; a broken line is reported with its number."""
-    path = Path(path)
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise BadRowError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
-    return out
+    return read_jsonl(path, BadRowError)

@@ -90,7 +90,7 @@ def test_tracker_wandb_offline(tmp_path):
 
 def test_read_metrics_names_the_bad_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
-    with pytest.raises(ValueError, match="metrics.jsonl line 2"):
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2"):
         read_metrics(tmp_path)
 
 
