@@ -59,7 +59,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
           f"preset {args.preset}; {args.prompts} prompts x {args.samples} samples")
     print(f"rollout (vLLM CPU): {max(gen_rates):,.0f} generated tokens/s (best of {args.repeats})")
-    print(f"train (Megatron-Core, old+ref log-probs + {cfg.grpo.num_minibatches} updates): "
+    print(f"train step (Megatron-Core: old + ref log-probs, {cfg.grpo.num_minibatches} updates): "
           f"{max(train_rates):,.0f} tokens/s")
     print(f"weight sync: {nbytes / 2**20:.1f} MiB in {best_sync * 1e3:.0f} ms ({nbytes / best_sync / 1e9:.2f} GB/s); "
           f"plain memory copy {best_copy * 1e3:.1f} ms ({nbytes / best_copy / 1e9:.2f} GB/s); "

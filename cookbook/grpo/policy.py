@@ -132,7 +132,7 @@ class PolicyTrainer:
         metrics.update({f"actor/{k}": v / len(input_ids) for k, v in sums.items()})
         metrics["actor/updates"] = n_updates
         tokens = sum(len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"]))
-        metrics["perf/train_tokens_per_s"] = tokens * (2 + g.num_minibatches) / (time.perf_counter() - t0)
+        metrics["perf/train_tokens_per_s"] = tokens / (time.perf_counter() - t0)  # batch tokens / step time
         return metrics
 
     # -- weights out --------------------------------------------------------------------------
