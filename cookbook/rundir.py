@@ -5,6 +5,7 @@ Layout (each part written by the step that owns it)::
     runs/<run>/config.yaml          resolved config (every notebook step rewrites it)
     runs/<run>/env_report.json      environment check (00)
     runs/<run>/data/                preprocessed train/test JSONL + manifest (10)
+    runs/<run>/mcore/               the policy converted to Megatron-Core (20)
     runs/<run>/notebooks/           executed notebooks and the parameters each ran with
     runs/<run>/metrics.jsonl        one JSON line per training step
     runs/<run>/checkpoints/         resumable checkpoints
@@ -63,6 +64,11 @@ def resolve_from_root(path: str | os.PathLike) -> Path:
     """Relative paths in configs mean the project root, whether a notebook runs from notebooks/ or not."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else project_root() / path
+
+
+def mcore_dir(cfg: CookbookConfig) -> Path:
+    """The converted Megatron-Core checkpoint of the initial policy (notebook 20 writes it, training reads it)."""
+    return Path(cfg.model.mcore_dir) if cfg.model.mcore_dir else cfg.run_dir / "mcore"
 
 
 def plots_dir(cfg: CookbookConfig) -> Path:

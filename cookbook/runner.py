@@ -18,7 +18,7 @@ from cookbook.rundir import project_root, resolve_from_root
 
 KERNEL_NAME = "grpo-cookbook"  # registered by env/setup_cpu.sh (and the GPU image)
 # The order `make demo` runs them in; later steps read what earlier ones wrote into the run folder.
-DEMO_NOTEBOOKS = ("00_environment", "10_data", "30_grpo_moonlight")
+DEMO_NOTEBOOKS = ("00_environment", "10_data", "20_convert", "30_grpo_moonlight")
 
 
 def notebooks_dir() -> Path:

@@ -20,11 +20,7 @@ from cookbook.config import CookbookConfig
 from cookbook.grpo import algorithm as A
 from cookbook.grpo.checkpoint import load_checkpoint, save_checkpoint
 from cookbook.models.hf_config import read_hf_config
-
-
-def mcore_dir(cfg: CookbookConfig) -> Path:
-    """Where the converted Megatron checkpoint of the initial policy lives (notebook 20 writes it)."""
-    return Path(cfg.model.mcore_dir) if cfg.model.mcore_dir else cfg.run_dir / "mcore"
+from cookbook.rundir import mcore_dir
 
 
 def _micro_slices(n: int, size: int) -> Iterator[slice]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from cookbook.analysis.metrics import read_metrics, series
 from cookbook.config import CookbookConfig
 from cookbook.grpo.checkpoint import latest_checkpoint
-from cookbook.grpo.policy import mcore_dir
+from cookbook.rundir import mcore_dir
 
 RECIPE_KEYS = (
     "grpo.steps", "grpo.lr", "grpo.prompts_per_step", "grpo.samples_per_prompt", "grpo.num_minibatches",
@@ -47,7 +47,7 @@ def check_inputs(cfg: CookbookConfig):
         {"input": "data", "where": str(data.out_dir), "state": f"{data.counts['train']} train / {data.counts['test']} test"},
         {"input": "policy (HF)", "where": str(hf_dir), "state": "ok"},
         {"input": "policy (Megatron-Core)", "where": str(mcore),
-         "state": "converted" if mcore.is_dir() else "missing: converted when training starts"},
+         "state": "ready (from notebook 20)" if mcore.is_dir() else "missing: converted when training starts"},
         {"input": "resume from", "where": str(resume[1]) if resume else "-",
          "state": f"step {resume[0]}" if resume else "fresh start"},
     ]

@@ -39,6 +39,14 @@ def test_10_data(run_dir):
     assert (run_dir / "nb" / "plots" / "prompt_lengths.png").is_file()
 
 
+def test_20_convert(run_dir):
+    out = run_notebook("20_convert", {"preset": "tiny"}, run_name="nb", runs_dir=str(run_dir), progress=False)
+    assert out.is_file() and not _errors(out)
+    assert (run_dir / "nb" / "mcore" / "cookbook_convert.json").is_file()
+    text = out.read_text()
+    assert "bit_exact" in text and "max_abs_diff" in text
+
+
 def test_30_grpo_on_tiny(run_dir):
     out = run_notebook("30_grpo_moonlight", {"preset": "tiny", "steps": 4, "plot_every": 2,
                                              "overrides": {"grpo.eval_every": 2, "data.max_test_examples": 40,
@@ -49,4 +57,5 @@ def test_30_grpo_on_tiny(run_dir):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
     assert (run / "plots" / "training.png").is_file() and (run / "hf_export" / "config.json").is_file()
-    assert (run / "mcore").is_dir()  # the policy started from the converted Megatron checkpoint
+    # it started from the checkpoint notebook 20 converted (the inputs table says so before training)
+    assert "ready (from notebook 20)" in (run / "notebooks" / "30_grpo_moonlight.ipynb").read_text()
