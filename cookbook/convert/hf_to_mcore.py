@@ -65,11 +65,11 @@ def plan_units(mappings: list[Mapping], reader: ShardReader, max_bytes: int) -> 
         for mp, size in zip(maps, sizes):
             expert_starts = mp.hf[0].endswith("gate_proj.weight")
             if current and expert_starts and total + size > max_bytes:
-                units.append(Unit(f"{key}-{len(units):05d}", current, total))
+                units.append(Unit(f"{key}-{current[0].expert:05d}", current, total))
                 current, total = [], 0
             current.append(mp)
             total += size
-        units.append(Unit(f"{key}-{len(units):05d}", current, total))
+        units.append(Unit(f"{key}-{current[0].expert:05d}", current, total))  # named by first expert: stable
     return units
 
 
