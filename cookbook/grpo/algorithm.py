@@ -1,42 +1,69 @@
 """GRPO, written out: group-normalized advantages, the clipped policy loss with the reference's
-safeguards, KL estimators, and the rollout-vs-trainer mismatch measures.
+safeguards, KL estimators, the rollout-vs-trainer mismatch measures and the batch layout.
 
 Semantics follow the reference recipe (shared/reference/recipe-facts.md): advantage
 (r - mean) / (std + 1e-5) within each prompt's group; PPO-clip with separate low/high ratios; the
 log-ratio clamped at 10 before exp; the per-token loss capped at 3; token-level mean over the global
-batch; a k3 KL computed and logged with coefficient 0. kernels/ holds a fused GPU version of the same
-loss; this module is the readable reference the engine runs on CPU.
+batch; a k3 KL computed and logged with coefficient 0. ``kernels/grpo_loss.py`` holds a fused GPU
+version of the same loss; this module is the readable one the engine runs by default and the source of
+truth the kernel is tested against. Pure torch: importing it pulls in no engine.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 
+AGGREGATIONS = ("token_mean", "seq_mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGE_METHODS = ("grpo", "drgrpo")
 
-def group_advantages(rewards: Sequence[float] | np.ndarray | torch.Tensor, n: int, method: str = "grpo",
-                     eps: float = 1e-5) -> torch.Tensor:
-    """Per-sample advantage from the rewards of its prompt's ``n`` samples (consecutive in ``rewards``).
 
-    ``grpo``: (r - mean) / (std + eps), with the unbiased std (torch's default, as ChatLearn and verl
-    use); a group whose samples all score the same gets 0. ``drgrpo`` (Dr. GRPO): r - mean, no std
-    scaling, which removes the bias toward low-variance (too easy or too hard) prompts.
+# -- advantages ---------------------------------------------------------------------------------
+def group_advantages(rewards: Union[Sequence[float], torch.Tensor], n: int, method: str = "grpo",
+                     eps: float = 1e-5, unbiased_std: bool = False) -> torch.Tensor:
+    """Per-sample advantage from the rewards of its prompt's ``n`` samples (GRPO needs no critic).
+
+    ``rewards`` is ``[num_prompts * n]`` (each prompt's samples consecutive) or ``[num_prompts, n]``;
+    the result has the same shape, fp32.
+
+    ``grpo``: (r - mean) / (std + eps). The std is the population one (ddof 0) by default because the
+    reference (ChatLearn's advantage computer at the tutorial's version) uses ``np.std``; verl and
+    ChatLearn before August 2025 use ``torch.std`` (ddof 1), available as ``unbiased_std=True``. For
+    n = 32 the two differ by 1.6 %, for n = 8 by 6.5 %. A group whose samples all score the same gets 0.
+    ``drgrpo`` (Dr. GRPO): r - mean with no std scaling, which removes the extra weight that std
+    scaling gives to nearly-solved and nearly-hopeless prompts.
     """
-    r = torch.as_tensor(np.asarray(rewards, dtype=np.float32)).reshape(-1, n)
-    centered = r - r.mean(dim=1, keepdim=True)
-    if method == "drgrpo":
-        return centered.reshape(-1)
-    if method != "grpo":
-        raise ValueError(f"advantage method {method!r}: choose grpo or drgrpo")
-    std = r.std(dim=1, keepdim=True) if n > 1 else torch.zeros_like(r[:, :1])
-    return (centered / (std + eps)).reshape(-1)
+    if method not in ADVANTAGE_METHODS:
+        raise ValueError(f"advantage method {method!r}: choose one of {ADVANTAGE_METHODS} (config key grpo.advantage)")
+    r = torch.as_tensor(rewards).to(torch.float32)
+    if n < 1 or r.dim() not in (1, 2) or r.numel() % n or (r.dim() == 2 and r.shape[1] != n):
+        raise ValueError(f"rewards of shape {tuple(r.shape)} do not form groups of n={n} samples per prompt: "
+                         "pass [num_prompts * n] or [num_prompts, n]")
+    if unbiased_std and n < 2:
+        raise ValueError("unbiased_std needs n >= 2 samples per prompt")
+    groups = r.reshape(-1, n)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    if method == "grpo":
+        centered = centered / (groups.std(dim=1, correction=int(unbiased_std), keepdim=True) + eps)
+    return centered.reshape(r.shape)
 
 
+# -- per-token quantities -------------------------------------------------------------------------
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 log-prob of each target token and the entropy of each position's distribution."""
+    """fp32 log-prob of each target token and the entropy of each position's distribution.
+
+    ``logits[:, t]`` must already be the logits that predict ``targets[:, t]`` (see
+    ``build_training_batch`` for the shift). log_softmax runs in fp32: in bf16 the log-probs of
+    likely tokens lose about 2-3 decimal digits, more than the mismatch we want to measure. Dividing by
+    the rollout temperature scores samples under the distribution they were drawn from.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature}: must be > 0 (config key grpo.temperature)")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on [B, T]")
     logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -44,30 +71,38 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token estimators of KL(pi || ref) from samples of pi (Schulman's k1/k2/k3)."""
-    log_ratio = ref_logp - logp
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman's k1/k2/k3).
+
+    With d = ref_logp - logp: k1 = -d (unbiased, can be negative), k2 = d^2 / 2 (biased, low variance),
+    k3 = e^d - d - 1 (unbiased and >= 0; the reference's choice).
+    """
+    d = ref_logp - logp
     if kind == "k1":
-        return -log_ratio
+        return -d
     if kind == "k2":
-        return 0.5 * log_ratio ** 2
+        return 0.5 * d ** 2
     if kind == "k3":
-        return torch.exp(log_ratio) - log_ratio - 1
-    raise ValueError(f"KL estimator {kind!r}: choose k1, k2 or k3")
+        return torch.exp(d) - d - 1
+    raise ValueError(f"KL estimator {kind!r}: choose one of {KL_ESTIMATORS} (config key grpo.kl_estimator)")
 
 
+# -- the loss -------------------------------------------------------------------------------------
 @dataclass
 class LossOutput:
+    """The loss to backpropagate and detached metrics, each a mean over this micro-batch's valid tokens."""
+
     loss: torch.Tensor
     metrics: dict[str, float]
+    num_tokens: int  # valid tokens behind the metrics, so callers can average micro-batches exactly
 
 
 def _aggregate(per_token: torch.Tensor, mask: torch.Tensor, normalizer: float, aggregation: str) -> torch.Tensor:
+    per_token = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype))  # padding never leaks (inf*0)
     if aggregation == "token_mean":  # sum over this micro-batch's tokens / tokens of the whole global batch
-        return (per_token * mask).sum() / normalizer
-    if aggregation == "seq_mean":  # mean within each sequence, summed / sequences of the global batch
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        return per_seq.sum() / normalizer
-    raise ValueError(f"loss aggregation {aggregation!r}: choose token_mean or seq_mean")
+        return per_token.sum() / normalizer
+    # seq_mean: mean within each sequence, summed / sequences of the whole global batch
+    per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_seq.sum() / normalizer
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -76,43 +111,68 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 ref_logp: Optional[torch.Tensor] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                 is_weights: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
                 entropy_coef: float = 0.0) -> LossOutput:
-    """The GRPO loss of one micro-batch ``[B, T]`` plus detached metrics (means over its valid tokens).
+    """The GRPO loss of one micro-batch ``[B, T]`` plus detached metrics.
 
-    Micro-batches of one optimizer step share ``normalizer`` (valid tokens, or sequences for
-    ``seq_mean``, of the whole step), so their losses add up to the full-batch loss exactly.
+    Per valid token (A = the sequence's advantage, broadcast; or per-token ``[B, T]`` advantages)::
+
+        ratio = exp(min(logp - old_logp, logratio_clamp))          # clamp: no overflow on stale tokens
+        pg    = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+        pg    = min(pg, loss_cap)                                  # one token cannot dominate the step
+        loss  = pg * is_weights + kl_coef * KL(logp, ref_logp) - entropy_coef * entropy
+
+    then ``token_mean``: sum over tokens / ``normalizer`` (valid tokens of the whole optimizer step) or
+    ``seq_mean``: per-sequence token mean, summed / ``normalizer`` (sequences of the whole step). Since
+    every micro-batch of a step divides by the same global normalizer, their losses and gradients add
+    up exactly to the full-batch ones, however the batch is cut. The KL is computed and logged
+    whenever ``ref_logp`` is given, even at ``kl_coef`` 0, as the reference does.
     """
-    mask = mask.to(logp.dtype)
-    adv = advantages if advantages.dim() == logp.dim() else advantages.unsqueeze(-1)
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation {aggregation!r}: choose one of {AGGREGATIONS} "
+                         "(config key grpo.loss_aggregation)")
+    if not normalizer > 0:
+        raise ValueError(f"normalizer {normalizer}: must be > 0 (valid tokens or sequences of the global batch)")
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("is_weights", is_weights),
+                    ("entropy", entropy)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}: they must match")
+    if kl_coef and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference model's log-probs)")
+    if entropy_coef and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef} needs the per-token entropy")
+    mask = mask.bool()
+    adv = advantages.to(logp.dtype)
+    if adv.shape == logp.shape[:-1]:
+        adv = adv.unsqueeze(-1)
+    elif adv.shape != logp.shape:
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)}: pass one per sequence [B] or per token "
+                         f"{tuple(logp.shape)}")
+
     log_ratio = logp - old_logp
     if logratio_clamp is not None:
         log_ratio = log_ratio.clamp(max=logratio_clamp)
     ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    capped = torch.zeros_like(per_token, dtype=torch.bool)
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    capped = pg > loss_cap if loss_cap is not None else torch.zeros_like(mask)
     if loss_cap is not None:
-        capped = per_token > loss_cap
-        per_token = per_token.clamp(max=loss_cap)
-    if is_weights is not None:
-        per_token = per_token * is_weights.detach()
+        pg = pg.clamp(max=loss_cap)
+    per_token = pg if is_weights is None else pg * is_weights.detach()
     kl = kl_estimate(logp, ref_logp, kl_estimator) if ref_logp is not None else None
-    if kl is not None and kl_coef:
+    if kl_coef:
         per_token = per_token + kl_coef * kl
-    if entropy is not None and entropy_coef:
+    if entropy_coef:
         per_token = per_token - entropy_coef * entropy
     loss = _aggregate(per_token, mask, normalizer, aggregation)
 
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
+        count = int(mask.sum())
 
         def mean(x: torch.Tensor) -> float:
-            return float((x.float() * mask).sum() / n)
+            return float(torch.where(mask, x.float(), 0.0).sum() / max(count, 1))
 
         metrics = {
-            "pg_loss": mean(torch.maximum(unclipped, clipped)),
+            "pg_loss": mean(pg),
             "ratio_mean": mean(ratio),
-            "clip_frac_low": mean((ratio < 1 - clip_low) & (adv < 0)),
+            "clip_frac_low": mean((ratio < 1 - clip_low) & (adv < 0)),  # tokens whose gradient the clip removed
             "clip_frac_high": mean((ratio > 1 + clip_high) & (adv > 0)),
             "capped_frac": mean(capped),
         }
@@ -120,64 +180,104 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             metrics["kl"] = mean(kl)
         if entropy is not None:
             metrics["entropy"] = mean(entropy)
-    return LossOutput(loss, metrics)
+        if is_weights is not None:
+            metrics["is_weight_mean"] = mean(is_weights)
+    return LossOutput(loss, metrics, count)
 
 
+# -- rollout vs trainer -----------------------------------------------------------------------------
 def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weights min(pi_trainer / pi_rollout, cap) per token (detached).
+    """Truncated importance weights min(pi_trainer / pi_rollout, cap) per token, detached, 0 on padding.
 
-    Off by default (the reference has none): vLLM and Megatron disagree on MoE routing for a share of
-    tokens, so samples drawn by the rollout engine are slightly off-policy for the trainer; TIS
-    reweights them without letting rare large ratios blow up the gradient.
+    Off by default (the reference has none). vLLM and Megatron compute the same policy differently
+    (kernels, precision, and for MoE a different expert choice on a share of tokens), so samples drawn
+    by the rollout engine are slightly off-policy for the trainer; the weight corrects for that, and the
+    cap keeps rare huge ratios from blowing up the gradient's variance.
     """
-    return (torch.exp(old_logp - rollout_logp).clamp(max=cap) * mask).detach()
+    if cap <= 0:
+        raise ValueError(f"importance cap {cap}: must be > 0 (config key grpo.importance_cap)")
+    w = torch.exp(old_logp - rollout_logp).clamp(max=cap)
+    return torch.where(mask.bool(), w, 0.0).detach()
 
 
 def mismatch_metrics(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
                      threshold: float) -> dict[str, float]:
-    """How far the rollout engine's log-probs are from the trainer's on the sampled tokens."""
+    """How far the rollout engine's log-probs are from the trainer's on the sampled tokens.
+
+    ``kl_k3`` estimates KL(rollout || trainer) with k3 (the tokens were sampled by the rollout engine);
+    ``frac_over_threshold`` is the share of tokens with |diff| > ``threshold``, which catches a few
+    badly routed tokens that a mean hides.
+    """
     m = mask.bool()
     if not m.any():
         return {"abs_diff_mean": 0.0, "abs_diff_max": 0.0, "kl_k3": 0.0, "frac_over_threshold": 0.0}
-    diff = (trainer_logp - rollout_logp)[m]
+    diff = (trainer_logp - rollout_logp)[m].double()
     return {
         "abs_diff_mean": float(diff.abs().mean()),
         "abs_diff_max": float(diff.abs().max()),
-        "kl_k3": float(kl_estimate(rollout_logp[m], trainer_logp[m], "k3").mean()),
-        "frac_over_threshold": float((diff.abs() > threshold).float().mean()),
+        "kl_k3": float(kl_estimate(rollout_logp[m].double(), trainer_logp[m].double(), "k3").mean()),
+        "frac_over_threshold": float((diff.abs() > threshold).double().mean()),
     }
+
+
+# -- batch layout -----------------------------------------------------------------------------------
+def pad_and_mask(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to ``[B, max_len]`` (long) and mark the real tokens (float mask)."""
+    if not sequences:
+        raise ValueError("pad_and_mask got no sequences")
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.float32)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = 1.0
+    return ids, mask
 
 
 def build_training_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], pad_id: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids = prompt + response``, the loss mask and position ids.
+    """``input_ids = prompt + response`` right-padded to ``[B, L]``, the loss mask ``[B, L - 1]``, position ids.
 
-    The log-prob at column t scores token t + 1 (logits at t predict the next token), so the mask has
-    one column fewer than ``input_ids``: ``mask[:, t]`` is 1 when ``input_ids[:, t + 1]`` is a response
-    token.
+    The shift, explicitly: logits at column t predict token t + 1, so the trainer scores
+    ``token_logprobs(logits[:, :-1], input_ids[:, 1:])``, which is ``[B, L - 1]``, and the loss mask has
+    that layout: ``mask[:, t]`` is 1 exactly when ``input_ids[:, t + 1]`` is a response token. The first
+    response token is therefore scored at the last prompt column, and the last real token of a row
+    predicts nothing that counts.
     """
-    length = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
-    ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), length - 1), dtype=torch.float32)
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("an empty prompt: every sample needs at least one prompt token to predict its response")
+    ids, _ = pad_and_mask([list(p) + list(r) for p, r in zip(prompt_ids, response_ids)], pad_id)
+    mask = torch.zeros((ids.shape[0], ids.shape[1] - 1), dtype=torch.float32)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
-    positions = torch.arange(length).unsqueeze(0).expand(len(prompt_ids), -1).contiguous()
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids).contiguous()
     return ids, mask, positions
 
 
 def align_rollout_logprobs(prompt_ids: Sequence[Sequence[int]], rollout_logp: Sequence[Sequence[float]],
                            mask: torch.Tensor) -> torch.Tensor:
-    """The rollout engine's per-response-token log-probs placed in the trainer's ``[B, L-1]`` layout."""
+    """The rollout engine's per-response-token log-probs placed in the trainer's ``[B, L - 1]`` layout."""
     out = torch.zeros_like(mask)
     for i, (p, lp) in enumerate(zip(prompt_ids, rollout_logp)):
-        out[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp, dtype=out.dtype)
+        if len(lp) != int(mask[i].sum()):
+            raise ValueError(f"sample {i}: the rollout engine returned {len(lp)} log-probs for "
+                             f"{int(mask[i].sum())} response tokens")
+        out[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.as_tensor(list(lp), dtype=out.dtype)
     return out
 
 
-def split_minibatches(n: int, num_minibatches: int, seed: int) -> list[torch.Tensor]:
-    """A seeded shuffle of ``range(n)`` cut into ``num_minibatches`` equal parts (one optimizer step each)."""
-    if n % num_minibatches:
-        raise ValueError(f"{n} samples do not split into {num_minibatches} equal minibatches")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return list(order.chunk(num_minibatches))
+def split_minibatches(indices: Union[int, Sequence[int], torch.Tensor], num_minibatches: int, seed: int
+                      ) -> list[torch.Tensor]:
+    """A seeded shuffle of ``indices`` (or ``range(indices)`` for an int) cut into equal minibatches.
+
+    Each minibatch is one optimizer step; equal sizes keep every step's normalizer comparable, and the
+    seed (e.g. run seed + step) makes a resumed run replay the same order.
+    """
+    idx = torch.arange(indices) if isinstance(indices, int) else torch.as_tensor(indices, dtype=torch.long)
+    if num_minibatches < 1 or len(idx) % num_minibatches:
+        raise ValueError(f"{len(idx)} samples do not split into {num_minibatches} equal minibatches "
+                         "(config key grpo.num_minibatches must divide prompts_per_step * samples_per_prompt)")
+    order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))
+    return list(idx[order].chunk(num_minibatches))
