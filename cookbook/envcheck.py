@@ -136,7 +136,8 @@ def _torch_checks(on_gpu: bool) -> list[Check]:
         checks.append(Check("NCCL", OK, nccl, "bundled with torch"))
         cudnn = torch.backends.cudnn.version()
         cudnn_s = _cudnn_string(cudnn)
-        ok = cudnn is not None and _at_least(cudnn_s, CUDNN_MLA_FIX)
+        # torch reports major.minor.patch (no build number), so 9.8.0.87 shows as 9.8.0
+        ok = cudnn is not None and _at_least(cudnn_s, CUDNN_MLA_FIX.rsplit(".", 1)[0])
         checks.append(Check("cuDNN", OK if ok else WARN, cudnn_s or "not found", f">= {CUDNN_MLA_FIX}",
                             "" if ok else f"pip install -U nvidia-cudnn-cu12=={CUDNN_MLA_FIX} (the tutorial's MLA fix)"))
     else:
