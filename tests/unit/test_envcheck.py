@@ -41,3 +41,12 @@ def test_strict_fails_on_a_fail_row_and_saves_the_report(tmp_path):
         run_envcheck(cfg, strict=True)
     saved = json.loads((tmp_path / "r" / "env_report.json").read_text())
     assert saved["worst"] == FAIL and {r["name"] for r in saved["checks"]} >= EXPECTED_ROWS
+
+
+@pytest.mark.parametrize("raw, text, ok", [(90800, "9.8.0", True), (90100, "9.1.0", False), (91000, "9.10.0", True),
+                                           (8907, "8.9.7", False)])
+def test_cudnn_version_reading(raw, text, ok):
+    from cookbook.envcheck import CUDNN_MLA_FIX, _at_least, _cudnn_string
+
+    assert _cudnn_string(raw) == text
+    assert _at_least(text, CUDNN_MLA_FIX.rsplit(".", 1)[0]) is ok
