@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/convert_bench.py [--work DIR] [--sizes tiny,dsv3-shaped]
 
-Each step runs in a fresh child process so its peak RSS (ru_maxrss) is its own. ``dsv3-shaped`` is a
+Each step runs in a fresh child process so its peak RSS (ru_maxrss) is its own (about 470 MiB of it is
+the interpreter with torch and megatron imported); HF shards are written at the same size as the source's. ``dsv3-shaped`` is a
 random-weight checkpoint with DeepSeek-V3's layer shapes (hidden 7168, 128 heads, q_lora 1536, dense FFN
 18432, experts of 2048) cut to 2 layers, 8 experts and a 16k vocabulary so that it stays under 3 GB.
 """
@@ -26,7 +27,8 @@ def main():
     args = json.loads(sys.argv[1])
     cfg = load_config(args["preset"], overrides=args["overrides"])
     t = time.perf_counter()
-    convert(cfg, args["direction"], args["src"], args["out"], part=(0, 1), progress=False)
+    convert(cfg, args["direction"], args["src"], args["out"], part=(0, 1), progress=False,
+            max_shard_bytes=args["shard_bytes"])
     print(json.dumps({"seconds": time.perf_counter() - t,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 if __name__ == "__main__":
@@ -48,9 +50,9 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_child(preset: str, overrides: list[str], direction: str, src: Path, out: Path) -> dict:
+def run_child(preset: str, overrides: list[str], direction: str, src: Path, out: Path, shard_bytes: int) -> dict:
     arg = json.dumps({"preset": preset, "overrides": overrides, "direction": direction, "src": str(src),
-                      "out": str(out)})
+                      "out": str(out), "shard_bytes": shard_bytes})
     proc = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
@@ -81,7 +83,7 @@ def bench(size: str, work: Path) -> list[dict]:
     shutil.rmtree(work / f"{size}-copy")
     steps = [("hf_to_mcore", src, work / f"{size}-mcore"), ("mcore_to_hf", work / f"{size}-mcore", work / f"{size}-back")]
     for direction, a, b in steps:
-        result = run_child("tiny", overrides, direction, a, b)
+        result = run_child("tiny", overrides, direction, a, b, SHARD_BYTES[size])
         rows.append({"size": size, "step": direction, "gb": nbytes / 1e9, **result})
     for row in rows:
         row["gb_per_s"] = row["gb"] / row["seconds"]

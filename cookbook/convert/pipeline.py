@@ -27,9 +27,11 @@ def needs_fp8_cast(hf_dir: str | os.PathLike) -> bool:
 
 def convert(cfg: CookbookConfig, direction: str, src: str | os.PathLike, out: str | os.PathLike,
             overwrite: bool = False, part: Optional[tuple[int, int]] = None,
-            tokenizer_dir: Optional[str | os.PathLike] = None, progress: bool = True) -> Optional[Path]:
+            tokenizer_dir: Optional[str | os.PathLike] = None, progress: bool = True,
+            max_shard_bytes: int = 4 << 30) -> Optional[Path]:
     """One conversion step (the CLI's ``cookbook convert``). ``part=(i, n)`` (default: RANK/WORLD_SIZE)
-    splits it across processes or nodes; part 0 finalizes. Returns the output folder once complete."""
+    splits it across processes or nodes; part 0 finalizes. ``max_shard_bytes`` sizes the HF shards written by
+    mcore_to_hf (peak memory is about one of them). Returns the output folder once complete."""
     if direction not in DIRECTIONS:
         raise ConfigError(f"direction '{direction}' is unknown; choose one of {', '.join(DIRECTIONS)}")
     part = part or part_from_env()
@@ -41,7 +43,7 @@ def convert(cfg: CookbookConfig, direction: str, src: str | os.PathLike, out: st
         from cookbook.convert.mcore_to_hf import mcore_to_hf
 
         return mcore_to_hf(cfg, src, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite, part=part,
-                           progress=progress)
+                           max_shard_bytes=max_shard_bytes, progress=progress)
     from cookbook.convert.fp8 import cast_fp8_to_bf16
 
     return cast_fp8_to_bf16(src, out, overwrite=overwrite, progress=progress) if part[0] == 0 else None
