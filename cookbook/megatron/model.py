@@ -49,7 +49,9 @@ def init_parallel(cfg: CookbookConfig, rank: int = 0, world_size: int = 1) -> No
                 raise ConfigError("MASTER_ADDR and MASTER_PORT must be set for a multi-process run "
                                   "(PyTorchJob sets them; locally use 127.0.0.1 and a free port)")
             dist.init_process_group(backend, rank=rank, world_size=world_size)
-    layout = (p.tensor, p.pipeline, p.context, p.expert, p.expert_tensor)
+    # Megatron's groups hang off the default group: if that was replaced (another library in the process,
+    # vLLM for one, tore it down and it was made again), the old groups are dead and must be rebuilt.
+    layout = (p.tensor, p.pipeline, p.context, p.expert, p.expert_tensor, id(dist.group.WORLD))
     if ps.model_parallel_is_initialized():
         if getattr(init_parallel, "_layout", None) == layout:
             return
