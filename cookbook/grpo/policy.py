@@ -103,8 +103,9 @@ class PolicyTrainer:
             if g.importance_correction == "tis" else None
 
         self.model.train()
-        sums: dict[str, float] = {}
-        n_updates = 0
+        token_sums: dict[str, float] = {}  # per-token metrics, weighted by each micro-batch's valid tokens
+        tokens_seen = 0.0
+        grad_norms: list[float] = []
         for mb in A.split_minibatches(len(input_ids), g.num_minibatches, seed=self.cfg.seed + step):
             normalizer = float(mask[mb].sum()) if g.loss_aggregation == "token_mean" else float(len(mb))
             self.optimizer.zero_grad(set_to_none=True)
@@ -119,14 +120,14 @@ class PolicyTrainer:
                     entropy=entropy, entropy_coef=g.entropy_coef)
                 out.loss.backward()
                 for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)
+                    token_sums[k] = token_sums.get(k, 0.0) + float(v) * out.num_tokens
+                tokens_seen += out.num_tokens
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip)))
             self.optimizer.step()
             update_router_expert_bias(self.model)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm) * len(mb)
-            n_updates += 1
-        metrics.update({f"actor/{k}": v / len(input_ids) for k, v in sums.items()})
-        metrics["actor/updates"] = n_updates
+        metrics.update({f"actor/{k}": v / max(tokens_seen, 1.0) for k, v in token_sums.items()})
+        metrics["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["actor/updates"] = len(grad_norms)
         tokens = sum(len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"]))
         metrics["perf/train_tokens_per_s"] = tokens / (time.perf_counter() - t0)  # batch tokens / step time
         return metrics
