@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PRESET ?= tiny
 PYTEST_ARGS ?=
 
-.PHONY: env demo test test-fast lab gpu-test clean-runs
+.PHONY: env demo test test-fast lab clean-runs
 
 env:
 	@bash env/setup_cpu.sh
@@ -21,10 +21,6 @@ test-fast: env
 
 lab: env
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
-
-# On a GPU machine with the GPU stack installed (not part of `make test`).
-gpu-test:
-	python -m pytest -m gpu tests/gpu
 
 clean-runs:
 	rm -rf runs/
