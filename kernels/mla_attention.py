@@ -1,0 +1,541 @@
+"""MLA causal attention for training, in Triton: forward and backward on packed (varlen) sequences.
+
+``mla_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale)`` computes, inside each segment of the packed
+token axis, ``softmax(q k^T * softmax_scale + causal mask) v`` with
+
+* q, k: ``[total_tokens, heads, dk]``; MLA's dk = qk_nope + qk_rope = 128 + 64 = 192 in the real models;
+* v: ``[total_tokens, heads, dv]``; dv = 128 in the real models (dv != dk, which most flash kernels refuse);
+* cu_seqlens: int32 ``[num_seqs + 1]``, the segment borders; max_seqlen: the longest segment (an int);
+* result: ``[total_tokens, heads, dv]`` in q's dtype; grads for q, k and v through autograd.
+
+Flash-attention style (FA2): the forward keeps an online softmax in fp32 and stores one log-sum-exp per row
+(base 2); the backward runs a preprocess (delta = rowsum(dO * O)), a dK/dV kernel that walks the query blocks
+below each key block, and a separate dQ kernel (no atomics; ``MLAConfig(dq_atomic=True)`` instead adds dQ in
+fp32 atomics from the dK/dV kernel). Causal blocks above the diagonal are skipped; only the diagonal blocks pay
+for the mask. ``tl.arange`` needs powers of two, so dk is split into two parts, dk = D1 + D2 (D1 the largest
+power of two <= dk, D2 the rest, a power of two or 0: 192 = 128 + 64, 48 = 32 + 16, 64 = 64 + 0), computed
+as two dot products; dv must be a power of two. Other sizes raise ``ValueError``.
+
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them too under ``TRITON_INTERPRET=1`` (set
+before triton is imported; fp32 only, as the interpreter has no real bf16 arithmetic), and otherwise fall back to
+the torch reference ``kernels.mla_attention_reference`` (computed in fp32).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.mla_attention_reference import mla_attention_reference
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Block sizes and launch settings. fwd: BLOCK_M queries x BLOCK_N keys (BLOCK_M % BLOCK_N == 0).
+    dK/dV: BLOCK_N1 keys per program, BLOCK_M1 queries per step (BLOCK_N1 % BLOCK_M1 == 0).
+    dQ: BLOCK_M2 queries per program, BLOCK_N2 keys per step (BLOCK_M2 % BLOCK_N2 == 0)."""
+    BLOCK_M: int = 128
+    BLOCK_N: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    BLOCK_M1: int = 32
+    BLOCK_N1: int = 128
+    dkdv_warps: int = 8
+    dkdv_stages: int = 2
+    BLOCK_M2: int = 128
+    BLOCK_N2: int = 32
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dq_atomic: bool = False
+
+    def check(self) -> None:
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"MLAConfig.{name}={value}: must be a power of two >= 16")
+        if self.BLOCK_M % self.BLOCK_N or self.BLOCK_N1 % self.BLOCK_M1 or self.BLOCK_M2 % self.BLOCK_N2:
+            raise ValueError(f"{self}: need BLOCK_M % BLOCK_N == BLOCK_N1 % BLOCK_M1 == BLOCK_M2 % BLOCK_N2 == 0")
+
+
+DEFAULT_CONFIG = MLAConfig()
+# Small blocks for the interpreter (CPU tests): more, cheaper programs, and the mask paths get exercised.
+INTERPRET_CONFIG = MLAConfig(BLOCK_M=32, BLOCK_N=16, BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16,
+                             fwd_warps=4, dkdv_warps=4, dq_warps=4, fwd_stages=1, dkdv_stages=1, dq_stages=1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def split_qk_dim(dk: int) -> Tuple[int, int]:
+    """dk = D1 + D2 with D1 the largest power of two <= dk and D2 a power of two >= 16, or 0."""
+    if dk < 16:
+        raise ValueError(f"qk head dim {dk}: must be >= 16")
+    d1 = 1 << (dk.bit_length() - 1)
+    d2 = dk - d1
+    if d2 and (d2 < 16 or d2 & (d2 - 1)):
+        raise ValueError(f"qk head dim {dk} = {d1} + {d2}: the rest after the largest power of two must be 0 or a "
+                         "power of two >= 16 (e.g. 192 = 128 + 64, 48 = 32 + 16)")
+    return d1, d2
+
+
+def _check_v_dim(dv: int) -> None:
+    if dv < 16 or dv & (dv - 1):
+        raise ValueError(f"v head dim {dv}: must be a power of two >= 16")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, offs_m, start_n, seq_len, qk_scale,
+               D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr, PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d1 = tl.arange(0, D1)
+    offs_dv = tl.arange(0, DV)
+    if MASK:
+        mask_n = offs_n < seq_len
+        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :], mask=mask_n[:, None], other=0.0)
+    else:
+        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :])
+    qk = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        if MASK:
+            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :])
+        qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PREC)
+    qk = qk * qk_scale
+    if MASK:
+        qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASK:
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=mask_n[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :])
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _mla_fwd_kernel(Q, K, V, O, LSE, CU,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                    stride_lh, qk_scale,
+                    D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    # Query blocks in reverse order: the longest rows (most key blocks) start first.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CU + seq)
+    seq_len = tl.load(CU + seq + 1) - seq_start
+    if start_m >= seq_len:
+        return
+    tok0 = seq_start.to(tl.int64)
+    q_base = Q + tok0 * stride_qt + head * stride_qh
+    k_base = K + tok0 * stride_kt + head * stride_kh
+    v_base = V + tok0 * stride_vt + head * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seq_len
+    offs_d1 = tl.arange(0, D1)
+    q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :], mask=mask_m[:, None], other=0.0)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :], mask=mask_m[:, None], other=0.0)
+    else:
+        q2 = q1
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    # Keys left of the diagonal block: every row sees all of them, no mask.
+    for start_n in range(0, start_m, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, offs_m, start_n,
+                                   seq_len, qk_scale, D1, D2, DV, BLOCK_N, False, PREC)
+    # The diagonal block: causal mask and the segment's end.
+    end_n = tl.minimum(start_m + BLOCK_M, seq_len)
+    for start_n in range(start_m, end_n, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, offs_m, start_n,
+                                   seq_len, qk_scale, D1, D2, DV, BLOCK_N, True, PREC)
+    acc = acc / l_i[:, None]
+    offs_dv = tl.arange(0, DV)
+    o_base = O + tok0 * stride_ot + head * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_dv[None, :], acc.to(O.dtype.element_ty),
+             mask=mask_m[:, None])
+    tl.store(LSE + head * stride_lh + seq_start + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, total_tokens, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh,
+                           DV: tl.constexpr, BLOCK: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    head = tl.program_id(1)
+    mask = offs_t < total_tokens
+    offs_dv = tl.arange(0, DV)
+    o = tl.load(O + head * stride_oh + offs_t[:, None] * stride_ot + offs_dv[None, :], mask=mask[:, None],
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + head * stride_doh + offs_t[:, None] * stride_dot + offs_dv[None, :], mask=mask[:, None],
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + head * stride_dh + offs_t, tl.sum(o * do, axis=1), mask=mask)
+
+
+@triton.jit
+def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
+                stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
+                D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_M1: tl.constexpr,
+                MASK_CAUSAL: tl.constexpr, MASK_ROWS: tl.constexpr, DQ_ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M1)
+    offs_d1 = tl.arange(0, D1)
+    offs_dv = tl.arange(0, DV)
+    if MASK_ROWS:
+        mask_m = offs_m < seq_len
+        q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :], mask=mask_m[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :], mask=mask_m[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
+    else:
+        q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :])
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :])
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    qkT = tl.dot(k1, tl.trans(q1), input_precision=PREC)  # [BLOCK_N1, BLOCK_M1]
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        if MASK_ROWS:
+            q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :])
+        qkT = tl.dot(k2, tl.trans(q2), qkT, input_precision=PREC)
+    pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+    if MASK_CAUSAL:
+        pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+    if MASK_ROWS:
+        pT = tl.where(mask_m[None, :], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = (pT * (dpT - delta[None, :])).to(q1.dtype)
+    dk1 = tl.dot(dsT, q1, dk1, input_precision=PREC)
+    if D2 > 0:
+        dk2 = tl.dot(dsT, q2, dk2, input_precision=PREC)
+    if DQ_ATOMIC:
+        ds = tl.trans(dsT)
+        dq1 = tl.dot(ds, k1, input_precision=PREC) * sm_scale
+        if MASK_ROWS:
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1, mask=mask_m[:, None],
+                          sem="relaxed")
+        else:
+            tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1, sem="relaxed")
+        if D2 > 0:
+            dq2 = tl.dot(ds, k2, input_precision=PREC) * sm_scale
+            if MASK_ROWS:
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d2[None, :], dq2,
+                              mask=mask_m[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d2[None, :], dq2, sem="relaxed")
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _mla_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                         stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
+                         D1: tl.constexpr, D2: tl.constexpr, DV_DIM: tl.constexpr,
+                         BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                         PREC: tl.constexpr):
+    # Key blocks in natural order: block 0 has the most query rows below it and starts first.
+    start_n = tl.program_id(0) * BLOCK_N1
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CU + seq)
+    seq_len = tl.load(CU + seq + 1) - seq_start
+    if start_n >= seq_len:
+        return
+    tok0 = seq_start.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N1)
+    mask_n = offs_n < seq_len
+    offs_d1 = tl.arange(0, D1)
+    offs_dv = tl.arange(0, DV_DIM)
+    k_base = K + tok0 * stride_kt + head * stride_kh
+    v_base = V + tok0 * stride_vt + head * stride_vh
+    k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :], mask=mask_n[:, None], other=0.0)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :], mask=mask_n[:, None], other=0.0)
+        dk2 = tl.zeros([BLOCK_N1, D2], dtype=tl.float32)
+    else:
+        k2 = k1
+        dk2 = tl.zeros([BLOCK_N1, D1], dtype=tl.float32)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=mask_n[:, None], other=0.0)
+    dk1 = tl.zeros([BLOCK_N1, D1], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N1, DV_DIM], dtype=tl.float32)
+    q_base = Q + tok0 * stride_qt + head * stride_qh
+    do_base = DO + tok0 * stride_dot + head * stride_doh
+    dq_base = DQ + tok0 * stride_dqt + head * stride_dqh
+    lse_base = LSE + head * stride_lh + seq_start
+    delta_base = DELTA + head * stride_lh + seq_start
+    # Query blocks on the diagonal: causal mask (and the segment's end).
+    diag_end = tl.minimum(start_n + BLOCK_N1, seq_len)
+    for start_m in range(start_n, diag_end, BLOCK_M1):
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                   stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
+                                   D1, D2, DV_DIM, BLOCK_M1, True, True, DQ_ATOMIC, PREC)
+    # Full query blocks below the diagonal: no mask.
+    lo = start_n + BLOCK_N1
+    full_end = lo + tl.maximum(seq_len - lo, 0) // BLOCK_M1 * BLOCK_M1
+    for start_m in range(lo, full_end, BLOCK_M1):
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                   stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
+                                   D1, D2, DV_DIM, BLOCK_M1, False, False, DQ_ATOMIC, PREC)
+    # The last, partial query block.
+    for start_m in range(full_end, seq_len, BLOCK_M1):
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                   stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
+                                   D1, D2, DV_DIM, BLOCK_M1, False, True, DQ_ATOMIC, PREC)
+    dk_base = DK + tok0 * stride_dkt + head * stride_dkh
+    dk1 = dk1 * sm_scale
+    tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d1[None, :], dk1.to(DK.dtype.element_ty),
+             mask=mask_n[:, None])
+    if D2 > 0:
+        dk2 = dk2 * sm_scale
+        tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d2[None, :], dk2.to(DK.dtype.element_ty),
+                 mask=mask_n[:, None])
+    dv_base = DV + tok0 * stride_dvt + head * stride_dvh
+    tl.store(dv_base + offs_n[:, None] * stride_dvt + offs_dv[None, :], dv.to(DV.dtype.element_ty),
+             mask=mask_n[:, None])
+
+
+@triton.jit
+def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start_n, seq_len,
+              qk_scale, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_N2: tl.constexpr,
+              MASK: tl.constexpr, PREC: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N2)
+    offs_d1 = tl.arange(0, D1)
+    offs_dv = tl.arange(0, DV)
+    if MASK:
+        mask_n = offs_n < seq_len
+        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=mask_n[:, None], other=0.0)
+    else:
+        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :])
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :])
+    qk = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        if MASK:
+            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :])
+        qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PREC)
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
+    if MASK:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = (p * (dp - delta[:, None])).to(k1.dtype)
+    dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
+    if D2 > 0:
+        dq2 = tl.dot(ds, k2, dq2, input_precision=PREC)
+    return dq1, dq2
+
+
+@triton.jit
+def _mla_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
+                       D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+                       BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, PREC: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M2
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    seq_start = tl.load(CU + seq)
+    seq_len = tl.load(CU + seq + 1) - seq_start
+    if start_m >= seq_len:
+        return
+    tok0 = seq_start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M2)
+    mask_m = offs_m < seq_len
+    offs_d1 = tl.arange(0, D1)
+    offs_dv = tl.arange(0, DV)
+    q_base = Q + tok0 * stride_qt + head * stride_qh
+    q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :], mask=mask_m[:, None], other=0.0)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :], mask=mask_m[:, None], other=0.0)
+        dq2 = tl.zeros([BLOCK_M2, D2], dtype=tl.float32)
+    else:
+        q2 = q1
+        dq2 = tl.zeros([BLOCK_M2, D1], dtype=tl.float32)
+    do = tl.load(DO + tok0 * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
+                 mask=mask_m[:, None], other=0.0)
+    lse = tl.load(LSE + head * stride_lh + seq_start + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + head * stride_lh + seq_start + offs_m, mask=mask_m, other=0.0)
+    dq1 = tl.zeros([BLOCK_M2, D1], dtype=tl.float32)
+    k_base = K + tok0 * stride_kt + head * stride_kh
+    v_base = V + tok0 * stride_vt + head * stride_vh
+    for start_n in range(0, start_m, BLOCK_N2):
+        dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                             start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N2, False, PREC)
+    end_n = tl.minimum(start_m + BLOCK_M2, seq_len)
+    for start_n in range(start_m, end_n, BLOCK_N2):
+        dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
+                             start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N2, True, PREC)
+    dq_base = DQ + tok0 * stride_dqt + head * stride_dqh
+    tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty),
+             mask=mask_m[:, None])
+    if D2 > 0:
+        tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d2[None, :],
+                 (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------------------------
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (tf32 would cost ~3e-4 relative error); bf16/fp16: the tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_offsets(max_seqlen: int, *tensors: torch.Tensor) -> None:
+    # Per-segment offsets are int32 (the segment's start is int64).
+    for x in tensors:
+        if (max_seqlen + 1) * x.stride(0) + x.shape[1] * x.stride(1) >= 2 ** 31:
+            raise ValueError(f"segment of {max_seqlen} tokens x stride {x.stride(0)} overflows int32 offsets")
+
+
+def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config: MLAConfig = DEFAULT_CONFIG):
+    """The Triton forward alone: (out [t, h, dv], lse [h, t] fp32, base 2)."""
+    t, h, dk = q.shape
+    d1, d2 = split_qk_dim(dk)
+    dv_dim = v.shape[-1]
+    _check_v_dim(dv_dim)
+    out = torch.empty(t, h, dv_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
+    num_seqs = cu_seqlens.numel() - 1
+    if t == 0 or num_seqs == 0 or max_seqlen == 0:
+        return out, lse
+    _check_offsets(max_seqlen, q, k, v, out)
+    grid = (triton.cdiv(max_seqlen, config.BLOCK_M), num_seqs, h)
+    _mla_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), softmax_scale * _LOG2E,
+        D1=d1, D2=d2, DV=dv_dim, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, PREC=_prec(q.dtype),
+        num_warps=config.fwd_warps, num_stages=config.fwd_stages)
+    return out, lse
+
+
+def mla_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale,
+                           config: MLAConfig = DEFAULT_CONFIG):
+    """The Triton backward alone: (dq, dk, dv)."""
+    t, h, dk_dim = q.shape
+    d1, d2 = split_qk_dim(dk_dim)
+    dv_dim = v.shape[-1]
+    do = _last_dim_contiguous(do)
+    dk = torch.empty(t, h, dk_dim, dtype=k.dtype, device=q.device)
+    dv = torch.empty(t, h, dv_dim, dtype=v.dtype, device=q.device)
+    num_seqs = cu_seqlens.numel() - 1
+    if t == 0 or num_seqs == 0 or max_seqlen == 0:
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+    _check_offsets(max_seqlen, q, k, v, do, dk, dv)
+    delta = torch.empty(h, t, dtype=torch.float32, device=q.device)
+    pre_block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(t, pre_block), h)](
+        out, do, delta, t, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        DV=dv_dim, BLOCK=pre_block, num_warps=4)
+    qk_scale = softmax_scale * _LOG2E
+    prec = _prec(q.dtype)
+    if config.dq_atomic:
+        dq_acc = torch.zeros(t, h, dk_dim, dtype=torch.float32, device=q.device)
+    else:
+        dq_acc = torch.empty(t, h, dk_dim, dtype=q.dtype, device=q.device)
+    _mla_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)](
+        q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), qk_scale, softmax_scale,
+        D1=d1, D2=d2, DV_DIM=dv_dim, BLOCK_M1=config.BLOCK_M1, BLOCK_N1=config.BLOCK_N1,
+        DQ_ATOMIC=config.dq_atomic, PREC=prec, num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
+    if config.dq_atomic:
+        return dq_acc.to(q.dtype), dk, dv
+    _mla_bwd_dq_kernel[(triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)](
+        q, k, v, do, lse, delta, dq_acc, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), qk_scale, softmax_scale,
+        D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2, PREC=prec,
+        num_warps=config.dq_warps, num_stages=config.dq_stages)
+    return dq_acc, dk, dv
+
+
+class _MLAAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, config):
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        out, lse = mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.softmax_scale, ctx.config = max_seqlen, softmax_scale, config
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = mla_attention_backward(do, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
+                                            ctx.config)
+        return dq, dk, dv, None, None, None, None
+
+
+def _validate(q, k, v, cu_seqlens) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"expected q, k [t, h, dk] and v [t, h, dv]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != q.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {q.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 [num_seqs + 1]; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    split_qk_dim(q.shape[-1])
+    _check_v_dim(v.shape[-1])
+
+
+def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                  softmax_scale: Optional[float] = None, config: Optional[MLAConfig] = None) -> torch.Tensor:
+    """Causal attention inside each packed segment: q, k [t, h, dk], v [t, h, dv], cu_seqlens int32
+    [num_seqs + 1] (on q's device), max_seqlen the longest segment (not checked: a smaller value leaves rows
+    unwritten). Returns [t, h, dv] in q's dtype; differentiable in q, k and v."""
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    softmax_scale = float(softmax_scale)
+    if not q.is_cuda and not _interpreting():
+        return mla_attention_reference(q, k, v, cu_seqlens, softmax_scale, compute_dtype=torch.float32)
+    _validate(q, k, v, cu_seqlens)
+    if cu_seqlens.device != q.device:
+        cu_seqlens = cu_seqlens.to(q.device)
+    if config is None:
+        config = INTERPRET_CONFIG if _interpreting() else DEFAULT_CONFIG
+    config.check()
+    return _MLAAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), softmax_scale, config)
+
+
+__all__ = ["mla_attention", "MLAConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "split_qk_dim",
+           "mla_attention_forward", "mla_attention_backward"]
