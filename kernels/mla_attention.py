@@ -114,11 +114,14 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, offs
         else:
             k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :])
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PREC)
-    qk = qk * qk_scale
     if MASK:
-        qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
+        qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    else:  # one FMA per score: scale and subtract the running max together
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -443,46 +446,66 @@ def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config
     return out, lse
 
 
-def mla_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale,
-                           config: MLAConfig = DEFAULT_CONFIG):
-    """The Triton backward alone: (dq, dk, dv)."""
+def bwd_preprocess(out, do):
+    """delta[h, t] = rowsum(dO * O) in fp32."""
+    t, h, dv_dim = out.shape
+    delta = torch.empty(h, t, dtype=torch.float32, device=out.device)
+    block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(t, block), h)](
+        out, do, delta, t, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+        DV=dv_dim, BLOCK=block, num_warps=4)
+    return delta
+
+
+def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config: MLAConfig = DEFAULT_CONFIG):
+    """(dk, dv, dq or None): with ``config.dq_atomic`` the same kernel also adds dq (fp32 atomics)."""
     t, h, dk_dim = q.shape
     d1, d2 = split_qk_dim(dk_dim)
     dv_dim = v.shape[-1]
-    do = _last_dim_contiguous(do)
+    num_seqs = cu_seqlens.numel() - 1
     dk = torch.empty(t, h, dk_dim, dtype=k.dtype, device=q.device)
     dv = torch.empty(t, h, dv_dim, dtype=v.dtype, device=q.device)
-    num_seqs = cu_seqlens.numel() - 1
-    if t == 0 or num_seqs == 0 or max_seqlen == 0:
-        return torch.zeros_like(q), dk.zero_(), dv.zero_()
-    _check_offsets(max_seqlen, q, k, v, do, dk, dv)
-    delta = torch.empty(h, t, dtype=torch.float32, device=q.device)
-    pre_block = 64
-    _bwd_preprocess_kernel[(triton.cdiv(t, pre_block), h)](
-        out, do, delta, t, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
-        DV=dv_dim, BLOCK=pre_block, num_warps=4)
-    qk_scale = softmax_scale * _LOG2E
-    prec = _prec(q.dtype)
-    if config.dq_atomic:
-        dq_acc = torch.zeros(t, h, dk_dim, dtype=torch.float32, device=q.device)
-    else:
-        dq_acc = torch.empty(t, h, dk_dim, dtype=q.dtype, device=q.device)
+    # Without atomics DQ is never touched: pass dk as a placeholder.
+    dq_acc = torch.zeros(t, h, dk_dim, dtype=torch.float32, device=q.device) if config.dq_atomic else dk
     _mla_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), qk_scale, softmax_scale,
+        dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale,
         D1=d1, D2=d2, DV_DIM=dv_dim, BLOCK_M1=config.BLOCK_M1, BLOCK_N1=config.BLOCK_N1,
-        DQ_ATOMIC=config.dq_atomic, PREC=prec, num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
-    if config.dq_atomic:
-        return dq_acc.to(q.dtype), dk, dv
+        DQ_ATOMIC=config.dq_atomic, PREC=_prec(q.dtype), num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
+    return dk, dv, (dq_acc if config.dq_atomic else None)
+
+
+def bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config: MLAConfig = DEFAULT_CONFIG):
+    """dq from its own kernel (no atomics): each program owns a block of query rows."""
+    t, h, dk_dim = q.shape
+    d1, d2 = split_qk_dim(dk_dim)
+    dv_dim = v.shape[-1]
+    num_seqs = cu_seqlens.numel() - 1
+    dq = torch.empty(t, h, dk_dim, dtype=q.dtype, device=q.device)
     _mla_bwd_dq_kernel[(triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)](
-        q, k, v, do, lse, delta, dq_acc, cu_seqlens,
+        q, k, v, do, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), qk_scale, softmax_scale,
-        D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2, PREC=prec,
-        num_warps=config.dq_warps, num_stages=config.dq_stages)
-    return dq_acc, dk, dv
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), softmax_scale * _LOG2E,
+        softmax_scale, D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2,
+        PREC=_prec(q.dtype), num_warps=config.dq_warps, num_stages=config.dq_stages)
+    return dq
+
+
+def mla_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale,
+                           config: MLAConfig = DEFAULT_CONFIG):
+    """The Triton backward alone: (dq, dk, dv)."""
+    do = _last_dim_contiguous(do)
+    num_seqs = cu_seqlens.numel() - 1
+    if q.shape[0] == 0 or num_seqs == 0 or max_seqlen == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    _check_offsets(max_seqlen, q, k, v, do)
+    delta = bwd_preprocess(out, do)
+    dk, dv, dq = bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config)
+    if dq is not None:
+        return dq.to(q.dtype), dk, dv
+    return bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config), dk, dv
 
 
 class _MLAAttentionFunction(torch.autograd.Function):
@@ -526,9 +549,11 @@ def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     softmax_scale = float(softmax_scale)
+    if not softmax_scale > 0:
+        raise ValueError(f"softmax_scale={softmax_scale}: must be > 0")
+    _validate(q, k, v, cu_seqlens)
     if not q.is_cuda and not _interpreting():
         return mla_attention_reference(q, k, v, cu_seqlens, softmax_scale, compute_dtype=torch.float32)
-    _validate(q, k, v, cu_seqlens)
     if cu_seqlens.device != q.device:
         cu_seqlens = cu_seqlens.to(q.device)
     if config is None:
@@ -538,4 +563,4 @@ def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 
 
 __all__ = ["mla_attention", "MLAConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "split_qk_dim",
-           "mla_attention_forward", "mla_attention_backward"]
+           "mla_attention_forward", "mla_attention_backward", "bwd_preprocess", "bwd_dkdv", "bwd_dq"]
