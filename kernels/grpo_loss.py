@@ -51,8 +51,12 @@ _KL_KIND = {"k1": 1, "k2": 2, "k3": 3}
 CHUNK_BYTES = 1 << 30
 
 
+# Read once, at import, like triton.jit reads it when it decorates the kernels below: the two must agree.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRET
 
 
 def _use_triton(t: torch.Tensor) -> bool:
