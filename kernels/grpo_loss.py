@@ -49,6 +49,9 @@ _KL_KIND = {"k1": 1, "k2": 2, "k3": 3}
 # Logits bytes per chunk in the fused-linear path when chunk_size is not given (the fp32 dW and this are the
 # two large buffers: 1.25 GiB + 1 GiB at Moonlight's vocabulary 163840 x hidden 2048).
 CHUNK_BYTES = 1 << 30
+# Launch settings of the two kernels on a GPU (benchmarks/bench_grpo_loss.py sweeps them).
+FWD_BLOCK_V, FWD_WARPS = 4096, 8
+BWD_BLOCK_V, BWD_WARPS = 2048, 8
 
 
 # Read once, at import, like triton.jit reads it when it decorates the kernels below: the two must agree.
@@ -167,7 +170,11 @@ if HAVE_TRITON:
 def _block_v(V: int, kind: str) -> int:
     if _interpret():  # small blocks so CPU tests cover several blocks plus a ragged tail
         return 128
-    return min(4096 if kind == "fwd" else 2048, triton.next_power_of_2(V))
+    return min(FWD_BLOCK_V if kind == "fwd" else BWD_BLOCK_V, triton.next_power_of_2(V))
+
+
+def _warps(kind: str) -> int:
+    return 1 if _interpret() else (FWD_WARPS if kind == "fwd" else BWD_WARPS)
 
 
 class _Cfg:
@@ -220,7 +227,7 @@ def _launch_fwd(logits: torch.Tensor, tok: dict, cfg: _Cfg, out: dict, r0: int, 
         1.0 / cfg.normalizer, cfg.kl_coef, cfg.entropy_coef,
         HAS_CLAMP=cfg.logratio_clamp is not None, HAS_CAP=cfg.loss_cap is not None, KL_KIND=cfg.kl_kind,
         HAS_ISW=tok["has_isw"], HAS_ENT=bool(cfg.entropy_coef), BLOCK_V=_block_v(V, "fwd"),
-        num_warps=8 if not _interpret() else 1)
+        num_warps=_warps("fwd"))
 
 
 def _launch_dlogits(logits: torch.Tensor, dlogits: torch.Tensor, tok: dict, cfg: _Cfg, out: dict,
@@ -233,7 +240,7 @@ def _launch_dlogits(logits: torch.Tensor, dlogits: torch.Tensor, tok: dict, cfg:
     _grpo_dlogits_kernel[(n, triton.cdiv(V, block))](
         logits, logits.stride(0), dlogits, dlogits.stride(0), tok["targets"][sl], out["lse"][sl], out["g"][sl],
         out["entropy"][sl], out["gent"][sl], scale, V, cfg.inv_temp,
-        HAS_ENT=bool(cfg.entropy_coef), BLOCK_V=block, num_warps=8 if not _interpret() else 1)
+        HAS_ENT=bool(cfg.entropy_coef), BLOCK_V=block, num_warps=_warps("bwd"))
 
 
 def _alloc_token_outputs(n: int, device) -> dict:
@@ -304,15 +311,23 @@ def _auto_chunk(n: int, V: int, elem: int) -> int:
     return min(n, math.ceil(math.ceil(n / nchunks) / 128) * 128)
 
 
+DW_ACCUMULATION: Optional[str] = None  # which path _accumulate_dw took (reported by the benchmark)
+
+
 def _accumulate_dw(dw32: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
     """dw32 += dlogits^T @ h with fp32 accumulation across chunks."""
     if dlogits.dtype == torch.float32:
         dw32.addmm_(dlogits.t(), h)
         return
-    try:  # cuBLAS with bf16/fp16 inputs and an fp32 C/D (torch >= 2.8 on CUDA)
-        torch.addmm(dw32, dlogits.t(), h, out_dtype=torch.float32, out=dw32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        dw32.add_(torch.mm(dlogits.t(), h))  # fallback: each chunk's product rounded once to the input dtype
+    global DW_ACCUMULATION
+    if DW_ACCUMULATION != "rounded per chunk":
+        try:  # cuBLAS with bf16/fp16 inputs and an fp32 C/D (torch >= 2.8 on CUDA)
+            torch.addmm(dw32, dlogits.t(), h, out_dtype=torch.float32, out=dw32)
+            DW_ACCUMULATION = "fp32 (addmm out_dtype)"
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            DW_ACCUMULATION = "rounded per chunk"
+    dw32.add_(torch.mm(dlogits.t(), h))  # fallback: each chunk's product rounded once to the input dtype
 
 
 def _fused_linear_forward(hidden, weight, tok, cfg, need_dh: bool, need_dw: bool, chunk_size: Optional[int]):

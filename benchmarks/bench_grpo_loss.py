@@ -1,0 +1,308 @@
+"""Fused GRPO loss (kernels/grpo_loss.py) against torch eager, forward + backward, on one CUDA GPU.
+
+    python3 benchmarks/bench_grpo_loss.py [--out DIR] [--quick]
+
+Cases (bf16 inputs, fp32 loss math, median of triton.testing.do_bench):
+  moonlight   fused linear: 16384 tokens, hidden 2048, vocab 163840 (targets: <= 60 ms, <= 2.5 GiB extra)
+  logits      from logits already in memory: 16384 x 163840 bf16
+  dsv3        fused linear: hidden 7168, vocab 129280, 4096 and 16384 tokens
+Eager baseline: (h @ W.T).float(), log_softmax, gather, clipped-ratio loss, backward (the same loss settings:
+temperature 1, clip 0.2/0.2, clamp 10, cap 3, no KL). Before timing, the Triton kernels' launch settings and
+the token chunk are swept (kernel alone / whole call) and the best are used. Peak extra memory = peak
+allocated during one forward+backward minus what was allocated before it (inputs), gradients included.
+Imports only torch, triton and the standard library (plus this repository's kernels package).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import kernels.grpo_loss as K  # noqa: E402
+
+GiB = 1 << 30
+LOSS_KW = dict(temperature=1.0, clip_low=0.2, clip_high=0.2, logratio_clamp=10.0, loss_cap=3.0)
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_tokens(n: int, v: int, g: torch.Generator):
+    f = dict(device="cuda", generator=g)
+    return dict(targets=torch.randint(0, v, (n,), **f), old=-torch.rand(n, **f) * 8 - 0.5,
+                adv=torch.randn(n, **f), mask=torch.rand(n, **f) > 0.1)
+
+
+def eager_loss_from_logits(logits, t, normalizer):
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # temperature 1: no division (the baseline has none)
+    logp = logp_all.gather(-1, t["targets"][:, None]).squeeze(-1)
+    ratio = torch.exp((logp - t["old"]).clamp(max=LOSS_KW["logratio_clamp"]))
+    adv = t["adv"]
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - LOSS_KW["clip_low"], 1 + LOSS_KW["clip_high"]))
+    pg = pg.clamp(max=LOSS_KW["loss_cap"])
+    loss = torch.where(t["mask"], pg, 0.0).sum() / normalizer
+    return loss, logp.detach()
+
+
+def peak_extra(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / GiB
+
+
+def bench(fn, grads=(), rep=600) -> float:
+    return float(do_bench(fn, warmup=100, rep=rep, grad_to_none=list(grads), return_mode="median"))
+
+
+def fused_case(name, n, h, v, results, rows, eager_n=None, chunks=(None,), rep=600):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = (torch.randn(n, h, device="cuda", generator=g)).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=g) / math.sqrt(h) * 2).bfloat16().requires_grad_()
+    t = make_tokens(n, v, g)
+    norm = float(t["mask"].sum())
+
+    def ours(chunk):
+        def fn():
+            loss, logp, ent = K.fused_linear_grpo_loss(hidden, weight, t["targets"], t["old"], t["adv"], t["mask"],
+                                                       normalizer=norm, chunk_size=chunk, **LOSS_KW)
+            loss.backward()
+            return logp
+        return fn
+
+    best = None
+    for chunk in chunks:
+        hidden.grad = weight.grad = None
+        fn = ours(chunk)
+        fn()
+        hidden.grad = weight.grad = None
+        mem = peak_extra(fn)
+        ms = bench(fn, (hidden, weight), rep)
+        c_eff = chunk or K._auto_chunk(n, v, 2)
+        rows.append((name, f"fused (chunk {c_eff})", n, ms, mem))
+        results[f"{name}/fused/chunk{c_eff}"] = dict(ms=ms, peak_extra_gib=mem)
+        if best is None or ms < best[1]:
+            best = (chunk, ms, mem)
+    # forward only (old/ref log-probs): no grad
+    with torch.no_grad():
+        ms_fwd = bench(lambda: K.fused_linear_grpo_loss(hidden, weight, t["targets"], t["old"], t["adv"], t["mask"],
+                                                         normalizer=norm, chunk_size=best[0], **LOSS_KW), rep=rep)
+    results[f"{name}/fused/forward_only_ms"] = ms_fwd
+    rows.append((name, "fused, forward only (no grad)", n, ms_fwd, float("nan")))
+    # GEMMs alone at the same chunking (what the Triton kernels add on top)
+    chunk = best[0] or K._auto_chunk(n, v, 2)
+    buf = torch.empty(chunk, v, device="cuda", dtype=torch.bfloat16)
+    dh = torch.empty_like(hidden)
+    dw32 = torch.zeros(v, h, device="cuda", dtype=torch.float32)
+
+    def gemms():
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            x = hidden.detach()[r0:r1]
+            lg = buf[: r1 - r0]
+            torch.mm(x, weight.detach().t(), out=lg)
+            torch.mm(lg, weight.detach(), out=dh[r0:r1])
+            K._accumulate_dw(dw32, lg, x)
+    ms_gemm = bench(gemms, rep=rep)
+    results[f"{name}/gemms_only_ms"] = ms_gemm
+    results[f"{name}/gemm_tflops"] = 3 * 2 * n * h * v / ms_gemm / 1e9
+    rows.append((name, f"3 GEMMs alone (chunk {chunk}, {3 * 2 * n * h * v / ms_gemm / 1e9:.0f} TFLOP/s)", n,
+                 ms_gemm, float("nan")))
+    del buf, dh, dw32
+    # accuracy of ours vs eager (same bf16 logits rounding) on the first rows
+    hidden.grad = weight.grad = None
+    logp = ours(best[0])()
+    dh_ours, dw_ours = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    en = eager_n or n
+    sub = {k: x[:en] for k, x in t.items()}
+    hsub = hidden.detach()[:en].clone().requires_grad_()
+
+    def eager():
+        loss, lp = eager_loss_from_logits(hsub @ weight.t(), sub, norm)
+        loss.backward()
+        return lp
+    torch.cuda.empty_cache()
+    try:
+        lp_e = eager()
+        acc = dict(logp=rel(logp[:en], lp_e), dh=rel(dh_ours[:en], hsub.grad))
+        if en == n:
+            acc["dw"] = rel(dw_ours, weight.grad)
+        results[f"{name}/rel_err_vs_eager"] = acc
+        hsub.grad = weight.grad = None
+        mem_e = peak_extra(eager)
+        ms_e = bench(eager, (hsub, weight), max(rep, 800))
+        rows.append((name, "torch eager" + ("" if en == n else f" ({en} tokens)"), en, ms_e, mem_e))
+        results[f"{name}/eager"] = dict(ms=ms_e, peak_extra_gib=mem_e, tokens=en)
+        scale = n / en
+        results[f"{name}/speedup_vs_eager"] = ms_e * scale / best[1]
+        results[f"{name}/memory_ratio_vs_eager"] = mem_e * scale / best[2]
+    except torch.OutOfMemoryError as e:
+        results[f"{name}/eager"] = f"OOM: {e}"[:300]
+        rows.append((name, "torch eager: OOM", en, float("nan"), float("nan")))
+    hidden.grad = weight.grad = hsub.grad = None
+    del hidden, weight, hsub
+    torch.cuda.empty_cache()
+    return best
+
+
+def sweep_kernels(results, rows, n=16384, v=163840):
+    """Launch settings of the two Triton kernels, kernel alone, on bf16 logits."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    logits = torch.randn(n, v, device="cuda", generator=g, dtype=torch.bfloat16) * 3
+    t = make_tokens(n, v, g)
+    cfg = K._Cfg(n, t["targets"], t["old"], t["adv"], t["mask"], None, None, temperature=1.0, clip_low=0.2,
+                 clip_high=0.2, logratio_clamp=10.0, loss_cap=3.0, normalizer=float(n), kl_coef=0.0,
+                 kl_estimator="k3", entropy_coef=0.0, aggregation="token_mean")
+    tok = K._prep_token_inputs(logits.device, t["targets"], t["old"], t["adv"], t["mask"], None, None, cfg)
+    out = K._alloc_token_outputs(n, logits.device)
+    one = torch.ones(1, device="cuda")
+    gb = n * v * 2 / 1e9
+    best_f = best_b = None
+    for bv in (2048, 4096, 8192, 16384):
+        for w in (4, 8, 16):
+            K.FWD_BLOCK_V, K.FWD_WARPS = bv, w
+            try:
+                ms = bench(lambda: K._launch_fwd(logits, tok, cfg, out, 0, n), rep=200)
+            except Exception as e:  # noqa: BLE001 (resources exceeded for a setting)
+                results[f"sweep/fwd/{bv}x{w}"] = str(e)[:200]
+                continue
+            results[f"sweep/fwd/{bv}x{w}"] = ms
+            if best_f is None or ms < best_f[2]:
+                best_f = (bv, w, ms)
+    dl = torch.empty_like(logits)
+    for bv in (1024, 2048, 4096, 8192):
+        for w in (4, 8):
+            K.BWD_BLOCK_V, K.BWD_WARPS = bv, w
+            ms = bench(lambda: K._launch_dlogits(logits, dl, tok, cfg, out, one, 0, n), rep=200)
+            results[f"sweep/bwd/{bv}x{w}"] = ms
+            if best_b is None or ms < best_b[2]:
+                best_b = (bv, w, ms)
+    K.FWD_BLOCK_V, K.FWD_WARPS = best_f[:2]
+    K.BWD_BLOCK_V, K.BWD_WARPS = best_b[:2]
+    results["sweep/best"] = dict(fwd=best_f, bwd=best_b)
+    rows.append(("kernels", f"fwd stats kernel alone (block {best_f[0]}, {best_f[1]} warps): "
+                 f"{gb / best_f[2]:.0f} GB/s", n, best_f[2], float("nan")))
+    rows.append(("kernels", f"dlogits kernel alone (block {best_b[0]}, {best_b[1]} warps): "
+                 f"{2 * gb / best_b[2]:.0f} GB/s", n, best_b[2], float("nan")))
+    # copy ceiling for reference
+    ms_copy = bench(lambda: dl.copy_(logits), rep=200)
+    results["copy_GBps"] = 2 * gb / ms_copy
+    rows.append(("kernels", f"device copy of the logits ({2 * gb / ms_copy:.0f} GB/s)", n, ms_copy, float("nan")))
+    del logits, dl
+    torch.cuda.empty_cache()
+
+
+def logits_case(results, rows, n=16384, v=163840, rep=600):
+    g = torch.Generator(device="cuda").manual_seed(2)
+    logits = (torch.randn(n, v, device="cuda", generator=g, dtype=torch.bfloat16) * 3).requires_grad_()
+    t = make_tokens(n, v, g)
+    norm = float(t["mask"].sum())
+
+    def ours(inplace=False):
+        def fn():
+            loss, logp, _ = K.grpo_loss_from_logits(logits, t["targets"], t["old"], t["adv"], t["mask"],
+                                                    normalizer=norm, inplace_backward=inplace, **LOSS_KW)
+            loss.backward()
+            return logp
+        return fn
+
+    def eager():
+        loss, lp = eager_loss_from_logits(logits, t, norm)
+        loss.backward()
+        return lp
+    lp_o = ours()()
+    g_o = logits.grad.clone()
+    logits.grad = None
+    lp_e = eager()
+    results["logits/rel_err_vs_eager"] = dict(logp=rel(lp_o, lp_e), dlogits=rel(g_o, logits.grad))
+    del g_o
+    logits.grad = None
+    for label, fn in (("from-logits kernel", ours()), ("torch eager from logits", eager)):
+        logits.grad = None
+        mem = peak_extra(fn)
+        ms = bench(fn, (logits,), rep)
+        rows.append(("logits", label, n, ms, mem))
+        results[f"logits/{label}"] = dict(ms=ms, peak_extra_gib=mem)
+    results["logits/speedup_vs_eager"] = (results["logits/torch eager from logits"]["ms"]
+                                          / results["logits/from-logits kernel"]["ms"])
+    # in-place backward: the logits buffer is overwritten each call (times are still valid, values are not)
+    logits.grad = None
+    mem = peak_extra(ours(True))
+    rows.append(("logits", "from-logits kernel, inplace_backward (memory)", n, float("nan"), mem))
+    results["logits/inplace_peak_extra_gib"] = mem
+    with torch.no_grad():
+        ms_f = bench(lambda: K.grpo_loss_from_logits(logits, t["targets"], t["old"], t["adv"], t["mask"],
+                                                      normalizer=norm, **LOSS_KW), rep=rep)
+    rows.append(("logits", "from-logits kernel, forward only", n, ms_f, float("nan")))
+    results["logits/forward_only_ms"] = ms_f
+    logits.grad = None
+    del logits
+    torch.cuda.empty_cache()
+
+
+def check_addmm_fp32_out(results):
+    a = torch.randn(3000, 512, device="cuda").bfloat16()
+    b = torch.randn(3000, 256, device="cuda").bfloat16()
+    c = torch.randn(512, 256, device="cuda")
+    want = c + a.float().t() @ b.float()
+    try:
+        torch.addmm(c, a.t(), b, out_dtype=torch.float32, out=c)
+        results["addmm_out_dtype_fp32_rel_err"] = rel(c, want)
+    except Exception as e:  # noqa: BLE001
+        results["addmm_out_dtype_fp32_rel_err"] = f"unsupported: {e}"[:200]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   python=platform.python_version(), liger="not installed: skipped")
+    rows = []
+    check_addmm_fp32_out(results)
+    sweep_kernels(results, rows)
+    rep = 300 if args.quick else 600
+    fused_case("moonlight", 16384, 2048, 163840, results, rows,
+               chunks=(None, 2048, 4096) if not args.quick else (None,), rep=rep)
+    results["dw_accumulation"] = K.DW_ACCUMULATION
+    logits_case(results, rows, rep=rep)
+    fused_case("dsv3-4k", 4096, 7168, 129280, results, rows, rep=rep)
+    if not args.quick:
+        fused_case("dsv3-16k", 16384, 7168, 129280, results, rows, rep=rep)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_grpo_loss.json").write_text(json.dumps(dict(results, rows=rows), indent=1, default=str))
+    print(json.dumps({k: v for k, v in results.items() if not k.startswith("sweep/")}, default=str))
+    print(f"\n{results['device']}  torch {results['torch']}  triton {results['triton']}  Liger: not installed")
+    print(f"{'case':<10} {'implementation':<72} {'tokens':>6} {'ms':>8} {'GiB':>7}")
+    for case, impl, n, ms, mem in rows:
+        print(f"{case:<10} {impl:<72} {n:>6} {ms:>8.2f} {mem:>7.2f}")
+    for name in ("moonlight", "logits", "dsv3-4k", "dsv3-16k"):
+        if f"{name}/speedup_vs_eager" in results:
+            extra = (f", memory {results[f'{name}/memory_ratio_vs_eager']:.1f}x less"
+                     if f"{name}/memory_ratio_vs_eager" in results else "")
+            print(f"{name}: {results[f'{name}/speedup_vs_eager']:.2f}x faster than eager{extra}")
+
+
+if __name__ == "__main__":
+    main()
