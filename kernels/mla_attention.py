@@ -65,6 +65,8 @@ class MLAConfig:
 
 
 DEFAULT_CONFIG = MLAConfig()
+# The compiled kernel of each kernel's last launch (for resource reports: n_regs, n_spills, shared memory).
+LAST_LAUNCHED: dict = {}
 # Small blocks for the interpreter (CPU tests): more, cheaper programs, and the mask paths get exercised.
 INTERPRET_CONFIG = MLAConfig(BLOCK_M=32, BLOCK_N=16, BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16,
                              fwd_warps=4, dkdv_warps=4, dq_warps=4, fwd_stages=1, dkdv_stages=1, dq_stages=1)
@@ -437,7 +439,7 @@ def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config
         return out, lse
     _check_offsets(max_seqlen, q, k, v, out)
     grid = (triton.cdiv(max_seqlen, config.BLOCK_M), num_seqs, h)
-    _mla_fwd_kernel[grid](
+    LAST_LAUNCHED["mla_fwd_kernel"] = _mla_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), softmax_scale * _LOG2E,
@@ -451,7 +453,7 @@ def bwd_preprocess(out, do):
     t, h, dv_dim = out.shape
     delta = torch.empty(h, t, dtype=torch.float32, device=out.device)
     block = 64
-    _bwd_preprocess_kernel[(triton.cdiv(t, block), h)](
+    LAST_LAUNCHED["bwd_preprocess_kernel"] = _bwd_preprocess_kernel[(triton.cdiv(t, block), h)](
         out, do, delta, t, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
         DV=dv_dim, BLOCK=block, num_warps=4)
     return delta
@@ -467,7 +469,7 @@ def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, con
     dv = torch.empty(t, h, dv_dim, dtype=v.dtype, device=q.device)
     # Without atomics DQ is never touched: pass dk as a placeholder.
     dq_acc = torch.zeros(t, h, dk_dim, dtype=torch.float32, device=q.device) if config.dq_atomic else dk
-    _mla_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)](
+    LAST_LAUNCHED["mla_bwd_dkdv_kernel"] = _mla_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -484,7 +486,7 @@ def bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, confi
     dv_dim = v.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
     dq = torch.empty(t, h, dk_dim, dtype=q.dtype, device=q.device)
-    _mla_bwd_dq_kernel[(triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)](
+    LAST_LAUNCHED["mla_bwd_dq_kernel"] = _mla_bwd_dq_kernel[(triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)](
         q, k, v, do, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), softmax_scale * _LOG2E,
