@@ -51,7 +51,8 @@ _KL_KIND = {"k1": 1, "k2": 2, "k3": 3}
 CHUNK_BYTES = 1 << 30
 # Launch settings of the two kernels on a GPU (benchmarks/bench_grpo_loss.py sweeps them).
 FWD_BLOCK_V, FWD_WARPS = 4096, 8
-BWD_BLOCK_V, BWD_WARPS = 2048, 8
+BWD_BLOCK_V, BWD_WARPS = 8192, 8
+BWD_BLOCKS_PER_PROGRAM, BWD_EVICT_FIRST = 1, False
 
 
 # Read once, at import, like triton.jit reads it when it decorates the kernels below: the two must agree.
@@ -148,23 +149,35 @@ if HAVE_TRITON:
 
     @triton.jit
     def _grpo_dlogits_kernel(logits_ptr, stride_row, out_ptr, stride_out, targets_ptr, lse_ptr, g_ptr, ent_ptr,
-                             gent_ptr, scale_ptr, V, inv_temp, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
-        """dlogits = scale * (g * (onehot - p) + g_ent * dH/dz) / T for one [row, BLOCK_V] tile (may alias)."""
+                             gent_ptr, scale_ptr, V, inv_temp, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr,
+                             SPAN: tl.constexpr, EVICT_FIRST: tl.constexpr):
+        """dlogits = scale * (g * (onehot - p) + g_ent * dH/dz) / T over columns [pid1 * SPAN, + SPAN) of one
+        row, BLOCK_V at a time; ``out`` may alias ``logits`` (each element is read, then written, once)."""
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        valid = cols < V
-        z = tl.load(logits_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        start = tl.program_id(1) * SPAN
+        end = tl.minimum(start + SPAN, V)
         lse = tl.load(lse_ptr + row)
         scale = tl.load(scale_ptr)
         g = tl.load(g_ptr + row) * scale
-        tgt = tl.load(targets_ptr + row)
-        logp = z - lse
-        p = tl.exp(logp)
-        d = g * (tl.where(cols == tgt, 1.0, 0.0) - p)  # d logp_tgt / d z = onehot - p
-        if HAS_ENT:  # d entropy / d z_j = -p_j (log p_j + entropy)
+        tgt = tl.load(targets_ptr + row).to(tl.int32)
+        if HAS_ENT:
             ge = tl.load(gent_ptr + row) * scale
-            d = d - ge * p * (logp + tl.load(ent_ptr + row))
-        tl.store(out_ptr + row * stride_out + cols, (d * inv_temp).to(out_ptr.dtype.element_ty), mask=valid)
+            ent = tl.load(ent_ptr + row)
+        src = logits_ptr + row * stride_row
+        dst = out_ptr + row * stride_out
+        for v0 in range(start, end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            valid = cols < end
+            if EVICT_FIRST:
+                x = tl.load(src + cols, mask=valid, other=0.0, eviction_policy="evict_first")
+            else:
+                x = tl.load(src + cols, mask=valid, other=0.0)
+            logp = x.to(tl.float32) * inv_temp - lse
+            p = tl.exp(logp)
+            d = g * (tl.where(cols == tgt, 1.0, 0.0) - p)  # d logp_tgt / d z = onehot - p
+            if HAS_ENT:  # d entropy / d z_j = -p_j (log p_j + entropy)
+                d = d - ge * p * (logp + ent)
+            tl.store(dst + cols, (d * inv_temp).to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _block_v(V: int, kind: str) -> int:
@@ -237,10 +250,12 @@ def _launch_dlogits(logits: torch.Tensor, dlogits: torch.Tensor, tok: dict, cfg:
         return
     sl = slice(r0, r1)
     block = _block_v(V, "bwd")
-    _grpo_dlogits_kernel[(n, triton.cdiv(V, block))](
+    span = block * (2 if _interpret() else BWD_BLOCKS_PER_PROGRAM)
+    _grpo_dlogits_kernel[(n, triton.cdiv(V, span))](
         logits, logits.stride(0), dlogits, dlogits.stride(0), tok["targets"][sl], out["lse"][sl], out["g"][sl],
         out["entropy"][sl], out["gent"][sl], scale, V, cfg.inv_temp,
-        HAS_ENT=bool(cfg.entropy_coef), BLOCK_V=block, num_warps=_warps("bwd"))
+        HAS_ENT=bool(cfg.entropy_coef), BLOCK_V=block, SPAN=span, EVICT_FIRST=BWD_EVICT_FIRST and not _interpret(),
+        num_warps=_warps("bwd"))
 
 
 def _alloc_token_outputs(n: int, device) -> dict:
@@ -314,20 +329,31 @@ def _auto_chunk(n: int, V: int, elem: int) -> int:
 DW_ACCUMULATION: Optional[str] = None  # which path _accumulate_dw took (reported by the benchmark)
 
 
-def _accumulate_dw(dw32: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-    """dw32 += dlogits^T @ h with fp32 accumulation across chunks."""
-    if dlogits.dtype == torch.float32:
-        dw32.addmm_(dlogits.t(), h)
-        return
+def _accumulate_dw(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """dw (+)= dlogits^T @ h; ``dw`` is fp32 (several chunks: fp32 accumulation across them) or, for a single
+    chunk, already in the weight's dtype (one GEMM, which accumulates in fp32 inside, rounded once)."""
     global DW_ACCUMULATION
+    if dw.dtype == dlogits.dtype:
+        if first:
+            torch.mm(dlogits.t(), h, out=dw)
+        else:
+            dw.addmm_(dlogits.t(), h)
+        return
     if DW_ACCUMULATION != "rounded per chunk":
-        try:  # cuBLAS with bf16/fp16 inputs and an fp32 C/D (torch >= 2.8 on CUDA)
-            torch.addmm(dw32, dlogits.t(), h, out_dtype=torch.float32, out=dw32)
-            DW_ACCUMULATION = "fp32 (addmm out_dtype)"
+        try:  # cuBLAS with bf16/fp16 inputs and an fp32 C/D (torch >= 2.8 on CUDA); the first chunk writes C
+            if first:
+                torch.mm(dlogits.t(), h, out_dtype=torch.float32, out=dw)
+            else:
+                torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32, out=dw)
+            DW_ACCUMULATION = "fp32 (cuBLAS out_dtype)"
             return
         except (TypeError, RuntimeError, NotImplementedError):
             DW_ACCUMULATION = "rounded per chunk"
-    dw32.add_(torch.mm(dlogits.t(), h))  # fallback: each chunk's product rounded once to the input dtype
+    part = torch.mm(dlogits.t(), h)  # fallback: each chunk's product rounded once to the input dtype
+    if first:
+        dw.copy_(part)
+    else:
+        dw.add_(part)
 
 
 def _fused_linear_forward(hidden, weight, tok, cfg, need_dh: bool, need_dw: bool, chunk_size: Optional[int]):
@@ -340,7 +366,10 @@ def _fused_linear_forward(hidden, weight, tok, cfg, need_dh: bool, need_dw: bool
     chunk = max(1, min(chunk, n))
     buf = torch.empty(chunk, V, device=dev, dtype=hidden.dtype) if n else None
     dh = torch.empty_like(hidden) if need_dh else None
-    dw32 = torch.zeros(weight.shape, device=dev, dtype=torch.float32) if need_dw else None
+    dw = None
+    if need_dw:  # one chunk: dW straight in the weight's dtype; several: an fp32 accumulator
+        dw_dtype = weight.dtype if n <= chunk or weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dw = torch.empty(weight.shape, device=dev, dtype=dw_dtype) if n else torch.zeros_like(weight)
     one = torch.ones(1, device=dev, dtype=torch.float32)
     wt = weight.t()
     for r0 in range(0, n, chunk):
@@ -355,37 +384,43 @@ def _fused_linear_forward(hidden, weight, tok, cfg, need_dh: bool, need_dw: bool
         if need_dh:
             torch.mm(logits, weight, out=dh[r0:r1])
         if need_dw:
-            _accumulate_dw(dw32, logits, h)
+            _accumulate_dw(dw, logits, h, first=r0 == 0)
     del buf
     loss = out["loss_tok"].sum() / cfg.normalizer
-    return loss, out, dh, dw32
+    return loss, out, dh, dw
 
 
 class _FusedLinearGRPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, tok, cfg, chunk_size):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, out, dh, dw32 = _fused_linear_forward(hidden, weight, tok, cfg, need_dh, need_dw, chunk_size)
-        ctx.dh, ctx.dw32, ctx.weight_dtype = dh, dw32, weight.dtype
+        loss, out, dh, dw = _fused_linear_forward(hidden, weight, tok, cfg, need_dh, need_dw, chunk_size)
+        ctx.dh, ctx.dw, ctx.weight_dtype = dh, dw, weight.dtype
         ctx.mark_non_differentiable(out["logp"], out["entropy"])
         return loss, out["logp"], out["entropy"]
 
     @staticmethod
     def backward(ctx, grad_loss, _glogp, _gent):
-        if ctx.dh is None and ctx.dw32 is None:
+        if ctx.dh is None and ctx.dw is None:
             raise RuntimeError("fused_linear_grpo_loss: backward called twice (its gradients are computed in the "
                                "forward pass and handed over once; retain_graph is not supported)")
-        dh, dw32 = ctx.dh, ctx.dw32
-        ctx.dh = ctx.dw32 = None
-        scale = grad_loss.detach().to(torch.float32) if grad_loss is not None else None
-        dw = None
-        if dh is not None and scale is not None:
+        dh, dw = ctx.dh, ctx.dw
+        ctx.dh = ctx.dw = None
+        scale = grad_loss.detach().to(torch.float32)
+        unit = bool((scale == 1).all())  # one host sync; saves a pass over dW in the usual loss.backward()
+        if dh is not None and not unit:
             dh.mul_(scale)
-        if dw32 is not None:
-            if scale is not None:
-                dw32.mul_(scale)
-            dw = dw32 if ctx.weight_dtype == torch.float32 else dw32.to(ctx.weight_dtype)
-            del dw32
+        if dw is not None:
+            if dw.dtype == ctx.weight_dtype:
+                if not unit:
+                    dw.mul_(scale)
+            else:  # fp32 accumulator -> weight dtype, scaled in the same pass
+                acc, dw = dw, torch.empty(dw.shape, device=dw.device, dtype=ctx.weight_dtype)
+                if unit:
+                    dw.copy_(acc)
+                else:
+                    torch.mul(acc, scale, out=dw)
+                del acc
         return dh, dw, None, None, None
 
 

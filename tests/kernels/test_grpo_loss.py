@@ -58,20 +58,20 @@ FULL = dict(temperature=0.7, clip_low=0.2, clip_high=0.28, logratio_clamp=10.0, 
             kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
 
 
-def run_fused(fn, c, kw, **extra):
+def run_fused(fn, c, kw, grad_scale=1.0, **extra):
     h = c["hidden"].clone().requires_grad_()
     w = c["weight"].clone().requires_grad_()
     loss, logp, ent = fn(h, w, c["targets"], c["old"], c["adv"], c["mask"], ref_logp=c["ref"], is_weights=c["isw"],
                          **kw, **extra)
-    loss.backward()
+    (loss * grad_scale).backward() if grad_scale != 1.0 else loss.backward()
     return dict(loss=loss.detach(), logp=logp, entropy=ent, dh=h.grad, dw=w.grad)
 
 
-def run_logits(fn, logits, c, kw, **extra):
+def run_logits(fn, logits, c, kw, grad_scale=1.0, **extra):
     x = logits.clone().requires_grad_()
     loss, logp, ent = fn(x, c["targets"], c["old"], c["adv"], c["mask"], ref_logp=c["ref"], is_weights=c["isw"],
                          **kw, **extra)
-    loss.backward()
+    (loss * grad_scale).backward() if grad_scale != 1.0 else loss.backward()
     return dict(loss=loss.detach(), logp=logp, entropy=ent, dlogits=x.grad)
 
 
@@ -112,6 +112,8 @@ def interpret_checks() -> dict:
     fused = run_fused(fused_linear_grpo_loss, c, FULL, chunk_size=16)
     res["fused_vs_ref"] = errors(fused, run_fused(fused_linear_grpo_loss_reference, c, FULL))
     res["fused_vs_cookbook"] = errors(fused, cb)
+    res["fused_grad_scaled"] = errors(run_fused(fused_linear_grpo_loss, c, FULL, grad_scale=-2.5, chunk_size=16),
+                                      run_fused(fused_linear_grpo_loss_reference, c, FULL, grad_scale=-2.5))
     res["fused_logp_max"] = float(fused["logp"].max())
     res["fused_entropy_max"] = float(fused["entropy"].max())
     res["fused_nograd_vs_grad"] = errors(
@@ -134,6 +136,8 @@ def interpret_checks() -> dict:
     logits2 = c2["hidden"] @ c2["weight"].t()
     res["logits_v129"] = errors(run_logits(grpo_loss_from_logits, logits2, c2, FULL),
                                 run_logits(grpo_loss_from_logits_reference, logits2, c2, FULL))
+    res["logits_grad_scaled"] = errors(run_logits(grpo_loss_from_logits, logits2, c2, FULL, grad_scale=0.3),
+                                       run_logits(grpo_loss_from_logits_reference, logits2, c2, FULL, grad_scale=0.3))
     res["logits_inplace"] = errors(run_logits(grpo_loss_from_logits, logits2, c2, FULL, inplace_backward=True),
                                    run_logits(grpo_loss_from_logits_reference, logits2, c2, FULL))
     res["fused_v129_one_chunk"] = errors(run_fused(fused_linear_grpo_loss, c2, FULL),
@@ -179,6 +183,7 @@ def test_fused_linear_matches_cookbook_policy_loss(interp):
 def test_fused_linear_single_chunk_and_nograd(interp):
     _check(interp["fused_v129_one_chunk"], "fused_linear_grpo_loss, V=129, one chunk")
     _check(interp["fused_nograd_vs_grad"], "fused_linear_grpo_loss without grad vs with grad")
+    _check(interp["fused_grad_scaled"], "fused_linear_grpo_loss, (-2.5 * loss).backward()")
 
 
 def test_vocab_tail_masked(interp):
@@ -187,7 +192,7 @@ def test_vocab_tail_masked(interp):
 
 
 @pytest.mark.parametrize("name", ["logits_vs_ref", "logits_k1", "logits_k2", "logits_plain", "logits_v129",
-                                  "logits_inplace"])
+                                  "logits_inplace", "logits_grad_scaled"])
 def test_from_logits_matches_reference(interp, name):
     _check(interp[name], f"grpo_loss_from_logits [{name}] vs torch reference")
     assert "dlogits" in interp[name]
@@ -236,15 +241,19 @@ GPU_TOL = dict(loss=1e-2, logp=5e-3, entropy=5e-3, dh=2e-2, dw=2e-2, dlogits=1e-
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("n,h,v", [(2048, 2048, 163840), (1024, 7168, 129280), (1000, 512, 50001)])
-def test_gpu_fused_linear_bf16(n, h, v):
+@pytest.mark.parametrize("n,h,v,chunk,scale", [
+    (2048, 2048, 163840, 384, 1.0),  # several chunks: fp32 dW accumulator, cast in backward
+    (1024, 7168, 129280, None, 1.0),  # one chunk (auto): dW straight in bf16
+    (1000, 512, 50001, 384, -2.5),  # several chunks, backward scaled (mul + cast in one pass)
+])
+def test_gpu_fused_linear_bf16(n, h, v, chunk, scale):
     from kernels.grpo_loss import fused_linear_grpo_loss
     from kernels.grpo_loss_reference import fused_linear_grpo_loss_reference
     c = make_case(n, h, v, seed=5, dtype=torch.bfloat16, device="cuda")
     kw = dict(FULL, normalizer=float(n))
-    got = run_fused(fused_linear_grpo_loss, c, kw, chunk_size=384)
+    got = run_fused(fused_linear_grpo_loss, c, kw, grad_scale=scale, chunk_size=chunk)
     c32 = dict(c, hidden=c["hidden"].float(), weight=c["weight"].float())
-    want = run_fused(fused_linear_grpo_loss_reference, c32, kw)
+    want = run_fused(fused_linear_grpo_loss_reference, c32, kw, grad_scale=scale)
     errs = errors(got, want)
     bad = {k: e for k, e in errs.items() if not e <= GPU_TOL[k]}
     assert not bad, f"bf16 fused vs fp32 reference, rel errors over {GPU_TOL}: {bad} (all {errs})"
