@@ -296,7 +296,8 @@ def check_addmm_fp32_out(results):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="auto chunk only, no DeepSeek-V3 16k case")
+    ap.add_argument("--no-sweep", action="store_true", help="keep the kernels' default launch settings")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -304,7 +305,10 @@ def main() -> None:
                    python=platform.python_version(), liger="not installed: skipped")
     rows = []
     check_addmm_fp32_out(results)
-    sweep_kernels(results, rows)
+    if args.no_sweep:  # the defaults in kernels/grpo_loss.py
+        results["sweep"] = "skipped: module defaults"
+    else:
+        sweep_kernels(results, rows)
     rep = 300 if args.quick else 600
     fused_case("moonlight", 16384, 2048, 163840, results, rows,
                chunks=(None, 2048, 4096) if not args.quick else (None,), rep=rep)

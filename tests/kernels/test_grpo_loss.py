@@ -255,6 +255,8 @@ def test_gpu_fused_linear_bf16(n, h, v, chunk, scale):
     c32 = dict(c, hidden=c["hidden"].float(), weight=c["weight"].float())
     want = run_fused(fused_linear_grpo_loss_reference, c32, kw, grad_scale=scale)
     errs = errors(got, want)
+    print(f"\nGPU fused bf16 n={n} h={h} v={v} chunk={chunk}: rel err vs fp32 reference "
+          + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
     bad = {k: e for k, e in errs.items() if not e <= GPU_TOL[k]}
     assert not bad, f"bf16 fused vs fp32 reference, rel errors over {GPU_TOL}: {bad} (all {errs})"
     assert got["dw"].dtype == torch.bfloat16 and got["dh"].dtype == torch.bfloat16
@@ -273,6 +275,8 @@ def test_gpu_from_logits_bf16(n, v):
     got = run_logits(grpo_loss_from_logits, logits, c, kw)
     want = run_logits(grpo_loss_from_logits_reference, logits.float(), c, kw)
     errs = errors(got, want)
+    print(f"\nGPU from-logits bf16 n={n} v={v}: rel err vs fp32 reference on the same logits "
+          + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
     tol = dict(loss=1e-5, logp=1e-5, entropy=1e-5, dlogits=1e-2)  # same logits: fp32 math, bf16 dlogits
     bad = {k: e for k, e in errs.items() if not e <= tol[k]}
     assert not bad, f"bf16 from-logits vs fp32 reference, rel errors over {tol}: {bad} (all {errs})"
