@@ -46,14 +46,16 @@ class MLAConfig:
     fwd_warps: int = 8
     fwd_stages: int = 3
     BLOCK_M1: int = 32
-    BLOCK_N1: int = 128
-    dkdv_warps: int = 8
-    dkdv_stages: int = 2
+    BLOCK_N1: int = 64
+    dkdv_warps: int = 4
+    dkdv_stages: int = 3
     BLOCK_M2: int = 128
-    BLOCK_N2: int = 32
+    BLOCK_N2: int = 64
     dq_warps: int = 8
-    dq_stages: int = 2
+    dq_stages: int = 3
     dq_atomic: bool = False
+    fwd_lazy: bool = False  # forward: rescale the accumulator only when a row's max grew by more than 2^8
+    use_tma: bool = False  # TMA tensor descriptors for the streamed tiles (sm90+; else pointer loads)
 
     def check(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
@@ -94,45 +96,65 @@ def _check_v_dim(dv: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tile loads: TMA tensor descriptors (USE_TMA: rows past the segment's end come back as zeros) or pointers
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(desc, base, stride, start, n_rows, COL: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+               MASK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + ROWS), columns [COL, COL + COLS) of a segment of n_rows rows."""
+    if USE_TMA:
+        x = desc.load([start, 0])
+    else:
+        offs_r = start + tl.arange(0, ROWS)
+        ptrs = base + offs_r[:, None] * stride + (COL + tl.arange(0, COLS))[None, :]
+        if MASK:
+            x = tl.load(ptrs, mask=(offs_r < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, offs_m, start_n, seq_len, qk_scale,
-               D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK: tl.constexpr, PREC: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d1 = tl.arange(0, D1)
-    offs_dv = tl.arange(0, DV)
-    if MASK:
-        mask_n = offs_n < seq_len
-        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :], mask=mask_n[:, None], other=0.0)
-    else:
-        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :])
+def _fwd_inner(acc, l_i, m_i, q1, q2, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt, offs_m, start_n, seq_len,
+               qk_scale, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK: tl.constexpr, LAZY: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    k1 = _load_rows(kd1, k_base, stride_kt, start_n, seq_len, 0, BLOCK_N, D1, MASK, USE_TMA)
     qk = tl.dot(q1, tl.trans(k1), input_precision=PREC)
     if D2 > 0:
-        offs_d2 = D1 + tl.arange(0, D2)
-        if MASK:
-            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :], mask=mask_n[:, None], other=0.0)
-        else:
-            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :])
+        k2 = _load_rows(kd2, k_base, stride_kt, start_n, seq_len, D1, BLOCK_N, D2, MASK, USE_TMA)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PREC)
     if MASK:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_ij
+    elif LAZY:
+        # Rescale only when some row's max grew by more than 2^8: p stays <= 256, exact either way.
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if tl.max(m_ij - m_i, 0) > 8.0:
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_ij
+        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
     else:  # one FMA per score: scale and subtract the running max together
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        qk = qk * qk_scale - m_ij[:, None]
-    p = tl.math.exp2(qk)
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if MASK:
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=mask_n[:, None], other=0.0)
-    else:
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :])
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_ij
+    v = _load_rows(vd, v_base, stride_vt, start_n, seq_len, 0, BLOCK_N, DV, MASK, USE_TMA)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-    return acc, l_i, m_ij
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -140,7 +162,8 @@ def _mla_fwd_kernel(Q, K, V, O, LSE, CU,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_lh, qk_scale,
                     D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY: tl.constexpr, USE_TMA: tl.constexpr,
+                    PREC: tl.constexpr):
     # Query blocks in reverse order: the longest rows (most key blocks) start first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     seq = tl.program_id(1)
@@ -153,27 +176,41 @@ def _mla_fwd_kernel(Q, K, V, O, LSE, CU,
     q_base = Q + tok0 * stride_qt + head * stride_qh
     k_base = K + tok0 * stride_kt + head * stride_kh
     v_base = V + tok0 * stride_vt + head * stride_vh
+    if USE_TMA:
+        kd1 = tl.make_tensor_descriptor(k_base, shape=[seq_len, D1], strides=[stride_kt, 1],
+                                        block_shape=[BLOCK_N, D1])
+        if D2 > 0:
+            kd2 = tl.make_tensor_descriptor(k_base + D1, shape=[seq_len, D2], strides=[stride_kt, 1],
+                                            block_shape=[BLOCK_N, D2])
+        else:
+            kd2 = kd1
+        vd = tl.make_tensor_descriptor(v_base, shape=[seq_len, DV], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, DV])
+    else:
+        kd1 = k_base
+        kd2 = k_base
+        vd = v_base
     offs_m = start_m + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seq_len
-    offs_d1 = tl.arange(0, D1)
-    q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :], mask=mask_m[:, None], other=0.0)
+    q1 = _load_rows(q_base, q_base, stride_qt, start_m, seq_len, 0, BLOCK_M, D1, True, False)
     if D2 > 0:
-        offs_d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :], mask=mask_m[:, None], other=0.0)
+        q2 = _load_rows(q_base, q_base, stride_qt, start_m, seq_len, D1, BLOCK_M, D2, True, False)
     else:
         q2 = q1
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
-    # Keys left of the diagonal block: every row sees all of them, no mask.
-    for start_n in range(0, start_m, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, offs_m, start_n,
-                                   seq_len, qk_scale, D1, D2, DV, BLOCK_N, False, PREC)
-    # The diagonal block: causal mask and the segment's end.
+    # The diagonal block first (causal mask, the segment's end): it sets a finite running max for every row.
     end_n = tl.minimum(start_m + BLOCK_M, seq_len)
     for start_n in range(start_m, end_n, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, k_base, v_base, stride_kt, stride_vt, offs_m, start_n,
-                                   seq_len, qk_scale, D1, D2, DV, BLOCK_N, True, PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N, True, LAZY, USE_TMA,
+                                   PREC)
+    # Keys left of the diagonal block: every row sees all of them, no mask.
+    for start_n in range(0, start_m, BLOCK_N):
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt,
+                                   offs_m, start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N, False, LAZY, USE_TMA,
+                                   PREC)
     acc = acc / l_i[:, None]
     offs_dv = tl.arange(0, DV)
     o_base = O + tok0 * stride_ot + head * stride_oh
@@ -200,31 +237,24 @@ def _bwd_preprocess_kernel(O, DO, DELTA, total_tokens, stride_ot, stride_oh, str
 
 
 @triton.jit
-def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
+def _dkdv_inner(dk1, dk2, dv, k1, k2, v, qd1, qd2, dod, q_base, do_base, lse_base, delta_base, dq_base,
                 stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
                 D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_M1: tl.constexpr,
-                MASK_CAUSAL: tl.constexpr, MASK_ROWS: tl.constexpr, DQ_ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                MASK_CAUSAL: tl.constexpr, MASK_ROWS: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+                USE_TMA: tl.constexpr, PREC: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M1)
-    offs_d1 = tl.arange(0, D1)
-    offs_dv = tl.arange(0, DV)
+    q1 = _load_rows(qd1, q_base, stride_qt, start_m, seq_len, 0, BLOCK_M1, D1, MASK_ROWS, USE_TMA)
+    do = _load_rows(dod, do_base, stride_dot, start_m, seq_len, 0, BLOCK_M1, DV, MASK_ROWS, USE_TMA)
     if MASK_ROWS:
         mask_m = offs_m < seq_len
-        q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :], mask=mask_m[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :], mask=mask_m[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=mask_m, other=0.0)
     else:
-        q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :])
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_dv[None, :])
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
     qkT = tl.dot(k1, tl.trans(q1), input_precision=PREC)  # [BLOCK_N1, BLOCK_M1]
     if D2 > 0:
-        offs_d2 = D1 + tl.arange(0, D2)
-        if MASK_ROWS:
-            q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :], mask=mask_m[:, None], other=0.0)
-        else:
-            q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :])
+        q2 = _load_rows(qd2, q_base, stride_qt, start_m, seq_len, D1, BLOCK_M1, D2, MASK_ROWS, USE_TMA)
         qkT = tl.dot(k2, tl.trans(q2), qkT, input_precision=PREC)
     pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
     if MASK_CAUSAL:
@@ -239,6 +269,7 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, 
         dk2 = tl.dot(dsT, q2, dk2, input_precision=PREC)
     if DQ_ATOMIC:
         ds = tl.trans(dsT)
+        offs_d1 = tl.arange(0, D1)
         dq1 = tl.dot(ds, k1, input_precision=PREC) * sm_scale
         if MASK_ROWS:
             tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1, mask=mask_m[:, None],
@@ -246,6 +277,7 @@ def _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, 
         else:
             tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], dq1, sem="relaxed")
         if D2 > 0:
+            offs_d2 = D1 + tl.arange(0, D2)
             dq2 = tl.dot(ds, k2, input_precision=PREC) * sm_scale
             if MASK_ROWS:
                 tl.atomic_add(dq_base + offs_m[:, None] * stride_dqt + offs_d2[None, :], dq2,
@@ -262,7 +294,7 @@ def _mla_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU,
                          stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
                          D1: tl.constexpr, D2: tl.constexpr, DV_DIM: tl.constexpr,
                          BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                         PREC: tl.constexpr):
+                         USE_TMA: tl.constexpr, PREC: tl.constexpr):
     # Key blocks in natural order: block 0 has the most query rows below it and starts first.
     start_n = tl.program_id(0) * BLOCK_N1
     seq = tl.program_id(1)
@@ -278,15 +310,15 @@ def _mla_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU,
     offs_dv = tl.arange(0, DV_DIM)
     k_base = K + tok0 * stride_kt + head * stride_kh
     v_base = V + tok0 * stride_vt + head * stride_vh
-    k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :], mask=mask_n[:, None], other=0.0)
+    k1 = _load_rows(k_base, k_base, stride_kt, start_n, seq_len, 0, BLOCK_N1, D1, True, False)
     if D2 > 0:
         offs_d2 = D1 + tl.arange(0, D2)
-        k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :], mask=mask_n[:, None], other=0.0)
+        k2 = _load_rows(k_base, k_base, stride_kt, start_n, seq_len, D1, BLOCK_N1, D2, True, False)
         dk2 = tl.zeros([BLOCK_N1, D2], dtype=tl.float32)
     else:
         k2 = k1
         dk2 = tl.zeros([BLOCK_N1, D1], dtype=tl.float32)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=mask_n[:, None], other=0.0)
+    v = _load_rows(v_base, v_base, stride_vt, start_n, seq_len, 0, BLOCK_N1, DV_DIM, True, False)
     dk1 = tl.zeros([BLOCK_N1, D1], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, DV_DIM], dtype=tl.float32)
     q_base = Q + tok0 * stride_qt + head * stride_qh
@@ -294,24 +326,38 @@ def _mla_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU,
     dq_base = DQ + tok0 * stride_dqt + head * stride_dqh
     lse_base = LSE + head * stride_lh + seq_start
     delta_base = DELTA + head * stride_lh + seq_start
+    if USE_TMA:
+        qd1 = tl.make_tensor_descriptor(q_base, shape=[seq_len, D1], strides=[stride_qt, 1],
+                                        block_shape=[BLOCK_M1, D1])
+        if D2 > 0:
+            qd2 = tl.make_tensor_descriptor(q_base + D1, shape=[seq_len, D2], strides=[stride_qt, 1],
+                                            block_shape=[BLOCK_M1, D2])
+        else:
+            qd2 = qd1
+        dod = tl.make_tensor_descriptor(do_base, shape=[seq_len, DV_DIM], strides=[stride_dot, 1],
+                                        block_shape=[BLOCK_M1, DV_DIM])
+    else:
+        qd1 = q_base
+        qd2 = q_base
+        dod = do_base
     # Query blocks on the diagonal: causal mask (and the segment's end).
     diag_end = tl.minimum(start_n + BLOCK_N1, seq_len)
     for start_m in range(start_n, diag_end, BLOCK_M1):
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                   stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
-                                   D1, D2, DV_DIM, BLOCK_M1, True, True, DQ_ATOMIC, PREC)
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, qd1, qd2, dod, q_base, do_base, lse_base, delta_base,
+                                   dq_base, stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale,
+                                   sm_scale, D1, D2, DV_DIM, BLOCK_M1, True, True, DQ_ATOMIC, USE_TMA, PREC)
     # Full query blocks below the diagonal: no mask.
     lo = start_n + BLOCK_N1
     full_end = lo + tl.maximum(seq_len - lo, 0) // BLOCK_M1 * BLOCK_M1
     for start_m in range(lo, full_end, BLOCK_M1):
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                   stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
-                                   D1, D2, DV_DIM, BLOCK_M1, False, False, DQ_ATOMIC, PREC)
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, qd1, qd2, dod, q_base, do_base, lse_base, delta_base,
+                                   dq_base, stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale,
+                                   sm_scale, D1, D2, DV_DIM, BLOCK_M1, False, False, DQ_ATOMIC, USE_TMA, PREC)
     # The last, partial query block.
     for start_m in range(full_end, seq_len, BLOCK_M1):
-        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                   stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale, sm_scale,
-                                   D1, D2, DV_DIM, BLOCK_M1, False, True, DQ_ATOMIC, PREC)
+        dk1, dk2, dv = _dkdv_inner(dk1, dk2, dv, k1, k2, v, qd1, qd2, dod, q_base, do_base, lse_base, delta_base,
+                                   dq_base, stride_qt, stride_dot, stride_dqt, offs_n, start_m, seq_len, qk_scale,
+                                   sm_scale, D1, D2, DV_DIM, BLOCK_M1, False, True, DQ_ATOMIC, USE_TMA, PREC)
     dk_base = DK + tok0 * stride_dkt + head * stride_dkh
     dk1 = dk1 * sm_scale
     tl.store(dk_base + offs_n[:, None] * stride_dkt + offs_d1[None, :], dk1.to(DK.dtype.element_ty),
@@ -326,29 +372,18 @@ def _mla_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU,
 
 
 @triton.jit
-def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, start_n, seq_len,
-              qk_scale, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_N2: tl.constexpr,
-              MASK: tl.constexpr, PREC: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N2)
-    offs_d1 = tl.arange(0, D1)
-    offs_dv = tl.arange(0, DV)
-    if MASK:
-        mask_n = offs_n < seq_len
-        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :], mask=mask_n[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :], mask=mask_n[:, None], other=0.0)
-    else:
-        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :])
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :])
+def _dq_inner(dq1, dq2, q1, q2, do, lse, delta, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt, offs_m,
+              start_n, seq_len, qk_scale, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+              BLOCK_N2: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    k1 = _load_rows(kd1, k_base, stride_kt, start_n, seq_len, 0, BLOCK_N2, D1, MASK, USE_TMA)
+    v = _load_rows(vd, v_base, stride_vt, start_n, seq_len, 0, BLOCK_N2, DV, MASK, USE_TMA)
     qk = tl.dot(q1, tl.trans(k1), input_precision=PREC)
     if D2 > 0:
-        offs_d2 = D1 + tl.arange(0, D2)
-        if MASK:
-            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :], mask=mask_n[:, None], other=0.0)
-        else:
-            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d2[None, :])
+        k2 = _load_rows(kd2, k_base, stride_kt, start_n, seq_len, D1, BLOCK_N2, D2, MASK, USE_TMA)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PREC)
     p = tl.math.exp2(qk * qk_scale - lse[:, None])
     if MASK:
+        offs_n = start_n + tl.arange(0, BLOCK_N2)
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = (p * (dp - delta[:, None])).to(k1.dtype)
@@ -363,7 +398,7 @@ def _mla_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
                        D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
-                       BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, PREC: tl.constexpr):
+                       BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M2
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -375,30 +410,43 @@ def _mla_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU,
     offs_m = start_m + tl.arange(0, BLOCK_M2)
     mask_m = offs_m < seq_len
     offs_d1 = tl.arange(0, D1)
-    offs_dv = tl.arange(0, DV)
     q_base = Q + tok0 * stride_qt + head * stride_qh
-    q1 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d1[None, :], mask=mask_m[:, None], other=0.0)
+    do_base = DO + tok0 * stride_dot + head * stride_doh
+    q1 = _load_rows(q_base, q_base, stride_qt, start_m, seq_len, 0, BLOCK_M2, D1, True, False)
     if D2 > 0:
         offs_d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d2[None, :], mask=mask_m[:, None], other=0.0)
+        q2 = _load_rows(q_base, q_base, stride_qt, start_m, seq_len, D1, BLOCK_M2, D2, True, False)
         dq2 = tl.zeros([BLOCK_M2, D2], dtype=tl.float32)
     else:
         q2 = q1
         dq2 = tl.zeros([BLOCK_M2, D1], dtype=tl.float32)
-    do = tl.load(DO + tok0 * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
-                 mask=mask_m[:, None], other=0.0)
+    do = _load_rows(do_base, do_base, stride_dot, start_m, seq_len, 0, BLOCK_M2, DV, True, False)
     lse = tl.load(LSE + head * stride_lh + seq_start + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + head * stride_lh + seq_start + offs_m, mask=mask_m, other=0.0)
     dq1 = tl.zeros([BLOCK_M2, D1], dtype=tl.float32)
     k_base = K + tok0 * stride_kt + head * stride_kh
     v_base = V + tok0 * stride_vt + head * stride_vh
+    if USE_TMA:
+        kd1 = tl.make_tensor_descriptor(k_base, shape=[seq_len, D1], strides=[stride_kt, 1],
+                                        block_shape=[BLOCK_N2, D1])
+        if D2 > 0:
+            kd2 = tl.make_tensor_descriptor(k_base + D1, shape=[seq_len, D2], strides=[stride_kt, 1],
+                                            block_shape=[BLOCK_N2, D2])
+        else:
+            kd2 = kd1
+        vd = tl.make_tensor_descriptor(v_base, shape=[seq_len, DV], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N2, DV])
+    else:
+        kd1 = k_base
+        kd2 = k_base
+        vd = v_base
     for start_n in range(0, start_m, BLOCK_N2):
-        dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                             start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N2, False, PREC)
+        dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt,
+                             offs_m, start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N2, False, USE_TMA, PREC)
     end_n = tl.minimum(start_m + BLOCK_M2, seq_len)
     for start_n in range(start_m, end_n, BLOCK_N2):
-        dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m,
-                             start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N2, True, PREC)
+        dq1, dq2 = _dq_inner(dq1, dq2, q1, q2, do, lse, delta, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt,
+                             offs_m, start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N2, True, USE_TMA, PREC)
     dq_base = DQ + tok0 * stride_dqt + head * stride_dqh
     tl.store(dq_base + offs_m[:, None] * stride_dqt + offs_d1[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty),
              mask=mask_m[:, None])
@@ -417,6 +465,25 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def _prec(dtype: torch.dtype) -> str:
     # fp32 inputs: exact fp32 products (tf32 would cost ~3e-4 relative error); bf16/fp16: the tensor cores.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _use_tma(config: MLAConfig, *tensors: torch.Tensor) -> bool:
+    """TMA needs sm90+, 16-byte aligned bases and 16-byte multiples for the token and head strides."""
+    if not config.use_tma:
+        return False
+    if not _interpreting():
+        if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+            return False
+    for x in tensors:
+        size = x.element_size()
+        if x.data_ptr() % 16 or (x.stride(0) * size) % 16 or (x.stride(1) * size) % 16:
+            return False
+    triton.set_allocator(_tma_alloc)
+    return True
 
 
 def _check_offsets(max_seqlen: int, *tensors: torch.Tensor) -> None:
@@ -443,7 +510,8 @@ def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), softmax_scale * _LOG2E,
-        D1=d1, D2=d2, DV=dv_dim, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, PREC=_prec(q.dtype),
+        D1=d1, D2=d2, DV=dv_dim, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, LAZY=config.fwd_lazy,
+        USE_TMA=_use_tma(config, k, v), PREC=_prec(q.dtype),
         num_warps=config.fwd_warps, num_stages=config.fwd_stages)
     return out, lse
 
@@ -475,7 +543,7 @@ def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, con
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale,
         D1=d1, D2=d2, DV_DIM=dv_dim, BLOCK_M1=config.BLOCK_M1, BLOCK_N1=config.BLOCK_N1,
-        DQ_ATOMIC=config.dq_atomic, PREC=_prec(q.dtype), num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
+        DQ_ATOMIC=config.dq_atomic, USE_TMA=_use_tma(config, q, do), PREC=_prec(q.dtype), num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
     return dk, dv, (dq_acc if config.dq_atomic else None)
 
 
@@ -491,7 +559,7 @@ def bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, confi
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), softmax_scale * _LOG2E,
         softmax_scale, D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2,
-        PREC=_prec(q.dtype), num_warps=config.dq_warps, num_stages=config.dq_stages)
+        USE_TMA=_use_tma(config, k, v), PREC=_prec(q.dtype), num_warps=config.dq_warps, num_stages=config.dq_stages)
     return dq
 
 

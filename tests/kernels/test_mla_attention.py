@@ -34,7 +34,7 @@ def _cu(lens, device="cpu"):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
 
 
-def _inputs(lens, heads, dk, dv, dtype=torch.float32, device="cpu", strided=False, seed=0):
+def _inputs(lens, heads, dk, dv, dtype=torch.float32, device="cpu", strided=False, seed=0, qk_gain=1.0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     t = sum(lens)
     if strided:  # q and k as slices of wider tensors: token and head strides are not the dense ones
@@ -45,6 +45,9 @@ def _inputs(lens, heads, dk, dv, dtype=torch.float32, device="cpu", strided=Fals
         k = torch.randn(t, heads, dk, generator=g)
     v = torch.randn(t, heads, dv, generator=g)
     do = torch.randn(t, heads, dv, generator=g)
+    if qk_gain != 1.0:  # large scores, larger for earlier keys: the running max jumps (lazy rescaling runs)
+        pos = 1 - torch.arange(t, dtype=torch.float32)[:, None, None] / max(t, 1)
+        q, k = q * qk_gain, k * qk_gain * (1 + 3 * pos)
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, do)]
 
 
@@ -55,11 +58,11 @@ def _grads(fn, q, k, v, do, *args):
     return out.detach(), dq, dk, dv
 
 
-def _errors(lens, heads, dk, dv, config=None, strided=False, seed=0):
+def _errors(lens, heads, dk, dv, config=None, strided=False, seed=0, qk_gain=1.0):
     """Relative errors of the Triton kernels (fp32) vs the float64 reference: {out, dq, dk, dv}."""
     from kernels.mla_attention import mla_attention
 
-    q, k, v, do = _inputs(lens, heads, dk, dv, strided=strided, seed=seed)
+    q, k, v, do = _inputs(lens, heads, dk, dv, strided=strided, seed=seed, qk_gain=qk_gain)
     cu = _cu(lens)
     scale = dk ** -0.5
     got = _grads(lambda a, b, c: mla_attention(a, b, c, cu, max(lens), scale, config=config), q, k, v, do)
@@ -102,6 +105,12 @@ def _worker() -> dict:
         "real_dims_192_128": _errors([7, 20], 1, 192, 128),
         "gpu_blocks_192_128": _errors([130, 300, 5], 1, 192, 128, config=replace(DEFAULT_CONFIG, fwd_stages=1)),
         "dq_atomic_48_32": _errors([5, 40, 9], 2, 48, 32, config=replace(INTERPRET_CONFIG, dq_atomic=True)),
+        "tma_lazy_strided_48_32": _errors([5, 0, 40, 9], 2, 48, 32, strided=True,
+                                          config=replace(INTERPRET_CONFIG, use_tma=True, fwd_lazy=True)),
+        "lazy_large_scores_48_32": _errors([70, 9], 2, 48, 32, qk_gain=3.0,
+                                           config=replace(INTERPRET_CONFIG, fwd_lazy=True)),
+        "tma_lazy_gpu_blocks_192_128": _errors([130, 300, 5], 1, 192, 128, qk_gain=2.0, config=replace(
+            DEFAULT_CONFIG, use_tma=True, fwd_lazy=True, fwd_stages=1, dkdv_stages=1, dq_stages=1)),
         "isolation": _isolation([5, 17, 9], 2, 48, 32),
     }
 
@@ -116,7 +125,8 @@ def interpreted():
 
 
 @pytest.mark.parametrize("case", ["small_48_32", "nope_only_64_32", "empty_segment_strided", "real_dims_192_128",
-                                  "gpu_blocks_192_128", "dq_atomic_48_32"])
+                                  "gpu_blocks_192_128", "dq_atomic_48_32", "tma_lazy_strided_48_32",
+                                  "lazy_large_scores_48_32", "tma_lazy_gpu_blocks_192_128"])
 def test_interpreted_matches_reference(interpreted, case):
     errors = interpreted[case]
     for name, err in errors.items():
@@ -200,8 +210,9 @@ def test_gpu_low_precision_matches_fp32_reference(dtype, heads, lens):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dq_atomic", [False, True])
-def test_gpu_fp32_matches_reference(dq_atomic):
+@pytest.mark.parametrize("dq_atomic,use_tma,lazy", [(False, False, False), (True, False, False),
+                                                    (False, True, True)])
+def test_gpu_fp32_matches_reference(dq_atomic, use_tma, lazy):
     from dataclasses import replace
 
     from kernels.mla_attention import DEFAULT_CONFIG, mla_attention
@@ -209,7 +220,7 @@ def test_gpu_fp32_matches_reference(dq_atomic):
     lens = [300, 77, 513]
     q, k, v, do = _inputs(lens, 4, 192, 128, device="cuda", seed=6)
     cu = _cu(lens, "cuda")
-    config = replace(DEFAULT_CONFIG, dq_atomic=dq_atomic, fwd_stages=1, dkdv_stages=1, dq_stages=1,
+    config = replace(DEFAULT_CONFIG, dq_atomic=dq_atomic, use_tma=use_tma, fwd_lazy=lazy, fwd_stages=1, dkdv_stages=1, dq_stages=1,
                      BLOCK_M=64, BLOCK_N=32, BLOCK_N1=64, BLOCK_M1=32, BLOCK_M2=64, BLOCK_N2=32)
     got = _grads(lambda a, b, c: mla_attention(a, b, c, cu, max(lens), 0.07, config=config), q, k, v, do)
     ref = _grads(lambda a, b, c: mla_attention_reference(a, b, c, cu, 0.07, compute_dtype=torch.float64),
