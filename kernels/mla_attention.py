@@ -55,7 +55,10 @@ class MLAConfig:
     dq_stages: int = 3
     dq_atomic: bool = False
     fwd_lazy: bool = False  # forward: rescale the accumulator only when a row's max grew by more than 2^8
-    use_tma: bool = False  # TMA tensor descriptors for the streamed tiles (sm90+; else pointer loads)
+    # TMA tensor descriptors for each kernel's streamed tiles (sm90+ and 16-byte aligned strides; else pointers)
+    fwd_tma: bool = False
+    dkdv_tma: bool = False
+    dq_tma: bool = False
 
     def check(self) -> None:
         for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
@@ -471,9 +474,9 @@ def _tma_alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _use_tma(config: MLAConfig, *tensors: torch.Tensor) -> bool:
+def _use_tma(wanted: bool, *tensors: torch.Tensor) -> bool:
     """TMA needs sm90+, 16-byte aligned bases and 16-byte multiples for the token and head strides."""
-    if not config.use_tma:
+    if not wanted:
         return False
     if not _interpreting():
         if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
@@ -511,7 +514,7 @@ def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), softmax_scale * _LOG2E,
         D1=d1, D2=d2, DV=dv_dim, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, LAZY=config.fwd_lazy,
-        USE_TMA=_use_tma(config, k, v), PREC=_prec(q.dtype),
+        USE_TMA=_use_tma(config.fwd_tma, k, v), PREC=_prec(q.dtype),
         num_warps=config.fwd_warps, num_stages=config.fwd_stages)
     return out, lse
 
@@ -543,7 +546,7 @@ def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, con
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale,
         D1=d1, D2=d2, DV_DIM=dv_dim, BLOCK_M1=config.BLOCK_M1, BLOCK_N1=config.BLOCK_N1,
-        DQ_ATOMIC=config.dq_atomic, USE_TMA=_use_tma(config, q, do), PREC=_prec(q.dtype), num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
+        DQ_ATOMIC=config.dq_atomic, USE_TMA=_use_tma(config.dkdv_tma, q, do), PREC=_prec(q.dtype), num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
     return dk, dv, (dq_acc if config.dq_atomic else None)
 
 
@@ -559,7 +562,7 @@ def bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, confi
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), softmax_scale * _LOG2E,
         softmax_scale, D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2,
-        USE_TMA=_use_tma(config, k, v), PREC=_prec(q.dtype), num_warps=config.dq_warps, num_stages=config.dq_stages)
+        USE_TMA=_use_tma(config.dq_tma, k, v), PREC=_prec(q.dtype), num_warps=config.dq_warps, num_stages=config.dq_stages)
     return dq
 
 

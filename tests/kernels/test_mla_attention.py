@@ -106,11 +106,13 @@ def _worker() -> dict:
         "gpu_blocks_192_128": _errors([130, 300, 5], 1, 192, 128, config=replace(DEFAULT_CONFIG, fwd_stages=1)),
         "dq_atomic_48_32": _errors([5, 40, 9], 2, 48, 32, config=replace(INTERPRET_CONFIG, dq_atomic=True)),
         "tma_lazy_strided_48_32": _errors([5, 0, 40, 9], 2, 48, 32, strided=True,
-                                          config=replace(INTERPRET_CONFIG, use_tma=True, fwd_lazy=True)),
+                                          config=replace(INTERPRET_CONFIG, fwd_tma=True, dkdv_tma=True,
+                                                         dq_tma=True, fwd_lazy=True)),
         "lazy_large_scores_48_32": _errors([70, 9], 2, 48, 32, qk_gain=3.0,
                                            config=replace(INTERPRET_CONFIG, fwd_lazy=True)),
         "tma_lazy_gpu_blocks_192_128": _errors([130, 300, 5], 1, 192, 128, qk_gain=2.0, config=replace(
-            DEFAULT_CONFIG, use_tma=True, fwd_lazy=True, fwd_stages=1, dkdv_stages=1, dq_stages=1)),
+            DEFAULT_CONFIG, fwd_tma=True, dkdv_tma=True, dq_tma=True, fwd_lazy=True, fwd_stages=1,
+            dkdv_stages=1, dq_stages=1)),
         "isolation": _isolation([5, 17, 9], 2, 48, 32),
     }
 
@@ -210,6 +212,25 @@ def test_gpu_low_precision_matches_fp32_reference(dtype, heads, lens):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_bf16_tma_lazy_matches_fp32_reference():
+    from dataclasses import replace
+
+    from kernels.mla_attention import DEFAULT_CONFIG, mla_attention
+
+    lens, heads = [1000, 2048, 37, 1011], 16
+    q, k, v, do = _inputs(lens, heads, 192, 128, dtype=torch.bfloat16, device="cuda", seed=7, qk_gain=2.0)
+    cu = _cu(lens, "cuda")
+    config = replace(DEFAULT_CONFIG, fwd_tma=True, dkdv_tma=True, dq_tma=True, fwd_lazy=True)
+    got = _grads(lambda a, b, c: mla_attention(a, b, c, cu, max(lens), 192 ** -0.5, config=config), q, k, v, do)
+    ref = _grads(lambda a, b, c: mla_attention_reference(a, b, c, cu, 192 ** -0.5), q.float(), k.float(), v.float(),
+                 do.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        err = _rel(a, b)
+        assert err < 2e-2, f"bf16 TMA + lazy {name}: ||a-b||/||b|| = {err:.3g}"
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dq_atomic,use_tma,lazy", [(False, False, False), (True, False, False),
                                                     (False, True, True)])
 def test_gpu_fp32_matches_reference(dq_atomic, use_tma, lazy):
@@ -220,8 +241,8 @@ def test_gpu_fp32_matches_reference(dq_atomic, use_tma, lazy):
     lens = [300, 77, 513]
     q, k, v, do = _inputs(lens, 4, 192, 128, device="cuda", seed=6)
     cu = _cu(lens, "cuda")
-    config = replace(DEFAULT_CONFIG, dq_atomic=dq_atomic, use_tma=use_tma, fwd_lazy=lazy, fwd_stages=1, dkdv_stages=1, dq_stages=1,
-                     BLOCK_M=64, BLOCK_N=32, BLOCK_N1=64, BLOCK_M1=32, BLOCK_M2=64, BLOCK_N2=32)
+    config = replace(DEFAULT_CONFIG, dq_atomic=dq_atomic, fwd_tma=use_tma, dkdv_tma=use_tma, dq_tma=use_tma,
+                     fwd_lazy=lazy, fwd_stages=1, dkdv_stages=1, dq_stages=1, BLOCK_M=64, BLOCK_N=32, BLOCK_N1=64, BLOCK_M1=32, BLOCK_M2=64, BLOCK_N2=32)
     got = _grads(lambda a, b, c: mla_attention(a, b, c, cu, max(lens), 0.07, config=config), q, k, v, do)
     ref = _grads(lambda a, b, c: mla_attention_reference(a, b, c, cu, 0.07, compute_dtype=torch.float64),
                  q.double(), k.double(), v.double(), do.double())
