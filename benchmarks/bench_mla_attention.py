@@ -197,8 +197,8 @@ class _Null:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def _f(bm, bn, w, st, lazy=False, tma=False):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, fwd_warps=w, fwd_stages=st, fwd_lazy=lazy, fwd_tma=tma)
+def _f(bm, bn, w, st, lazy=False, tma=False, pipe=False):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, fwd_warps=w, fwd_stages=st, fwd_lazy=lazy, fwd_tma=tma, fwd_pipeline=pipe)
 
 
 def _kv(bm, bn, w, st, tma=False, atomic=False):
@@ -210,15 +210,14 @@ def _q(bm, bn, w, st, tma=False):
 
 
 # Run 1 (H100): fwd best (128, 64, 8, 3) 1.57 ms; dkdv (32, 64, 4, 3) 3.04 / (32, 128, 8, 3) 3.09 ms;
-# dq (128, 64, 8, 3) 1.89 ms; atomic dQ 7.0 ms and more (dropped).
-FWD_SWEEP = [_f(128, 64, 8, 3), _f(128, 64, 8, 3, lazy=True), _f(128, 64, 8, 3, tma=True),
-             _f(128, 64, 8, 3, lazy=True, tma=True), _f(128, 128, 8, 2, lazy=True, tma=True),
-             _f(128, 64, 8, 4, lazy=True, tma=True), _f(128, 128, 8, 2, lazy=True), _f(128, 64, 8, 2, lazy=True, tma=True)]
-DKDV_SWEEP = [_kv(32, 64, 4, 3), _kv(32, 128, 8, 3), _kv(32, 64, 4, 3, tma=True), _kv(32, 128, 8, 3, tma=True),
-              _kv(32, 128, 16, 2), _kv(64, 128, 16, 2), _kv(64, 128, 16, 2, tma=True), _kv(16, 128, 8, 4, tma=True),
-              _kv(32, 128, 8, 4, tma=True)]
-DQ_SWEEP = [_q(128, 64, 8, 3), _q(128, 64, 8, 3, tma=True), _q(128, 32, 8, 3, tma=True), _q(128, 32, 8, 4, tma=True),
-            _q(128, 64, 8, 2, tma=True), _q(128, 128, 8, 2, tma=True), _q(64, 64, 4, 3, tma=True)]
+# dq (128, 64, 8, 3) 1.89 ms; atomic dQ 7.0 ms and more. Run 2: TMA descriptors slower in all three kernels
+# (fwd 1.60 vs 1.51, dkdv 3.11 vs 3.08, dq 2.08 vs 1.88), lazy rescaling slower (1.63), 16 warps in dkdv
+# 6.9 ms and more. Run 3: the software-pipelined forward, 256-row forward blocks, stage counts.
+FWD_SWEEP = [_f(128, 64, 8, 3), _f(128, 64, 8, 3, pipe=True), _f(128, 32, 8, 3, pipe=True),
+             _f(128, 64, 8, 2, pipe=True), _f(128, 32, 8, 4, pipe=True), _f(256, 64, 16, 2), _f(256, 32, 16, 3),
+             _f(128, 64, 8, 3, pipe=True, tma=True), _f(128, 64, 8, 3, pipe=True, lazy=True)]
+DKDV_SWEEP = [_kv(32, 64, 4, 3), _kv(32, 64, 4, 4), _kv(32, 64, 4, 2), _kv(16, 64, 4, 4), _kv(32, 128, 8, 3)]
+DQ_SWEEP = [_q(128, 64, 8, 3), _q(128, 32, 8, 4), _q(64, 64, 4, 4), _q(64, 32, 4, 4)]
 
 
 def sweep(lens, heads, base, records, save=lambda: None):

@@ -54,6 +54,7 @@ class MLAConfig:
     dq_warps: int = 8
     dq_stages: int = 3
     dq_atomic: bool = False
+    fwd_pipeline: bool = False  # forward: issue the next block's q k^T before this block's softmax
     fwd_lazy: bool = False  # forward: rescale the accumulator only when a row's max grew by more than 2^8
     # TMA tensor descriptors for each kernel's streamed tiles (sm90+ and 16-byte aligned strides; else pointers)
     fwd_tma: bool = False
@@ -121,14 +122,22 @@ def _load_rows(desc, base, stride, start, n_rows, COL: tl.constexpr, ROWS: tl.co
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q1, q2, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt, offs_m, start_n, seq_len,
-               qk_scale, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASK: tl.constexpr, LAZY: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+def _fwd_qk(q1, q2, kd1, kd2, k_base, stride_kt, start_n, seq_len, D1: tl.constexpr, D2: tl.constexpr,
+            BLOCK_N: tl.constexpr, MASK: tl.constexpr, USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    """Raw scores q k^T of one key block: [BLOCK_M, BLOCK_N] fp32, dk split as D1 + D2."""
     k1 = _load_rows(kd1, k_base, stride_kt, start_n, seq_len, 0, BLOCK_N, D1, MASK, USE_TMA)
     qk = tl.dot(q1, tl.trans(k1), input_precision=PREC)
     if D2 > 0:
         k2 = _load_rows(kd2, k_base, stride_kt, start_n, seq_len, D1, BLOCK_N, D2, MASK, USE_TMA)
         qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PREC)
+    return qk
+
+
+@triton.jit
+def _fwd_softmax_pv(acc, l_i, m_i, qk, vd, v_base, stride_vt, offs_m, start_n, seq_len, qk_scale,
+                    DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, LAZY: tl.constexpr,
+                    USE_TMA: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax update with one key block's scores, then acc += p v."""
     if MASK:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk * qk_scale, float("-inf"))
@@ -165,8 +174,8 @@ def _mla_fwd_kernel(Q, K, V, O, LSE, CU,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_lh, qk_scale,
                     D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY: tl.constexpr, USE_TMA: tl.constexpr,
-                    PREC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY: tl.constexpr, PIPE: tl.constexpr,
+                    USE_TMA: tl.constexpr, PREC: tl.constexpr):
     # Query blocks in reverse order: the longest rows (most key blocks) start first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     seq = tl.program_id(1)
@@ -206,14 +215,29 @@ def _mla_fwd_kernel(Q, K, V, O, LSE, CU,
     # The diagonal block first (causal mask, the segment's end): it sets a finite running max for every row.
     end_n = tl.minimum(start_m + BLOCK_M, seq_len)
     for start_n in range(start_m, end_n, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N, True, LAZY, USE_TMA,
-                                   PREC)
+        qk = _fwd_qk(q1, q2, kd1, kd2, k_base, stride_kt, start_n, seq_len, D1, D2, BLOCK_N, True, USE_TMA, PREC)
+        acc, l_i, m_i = _fwd_softmax_pv(acc, l_i, m_i, qk, vd, v_base, stride_vt, offs_m, start_n, seq_len, qk_scale,
+                                        DV, BLOCK_N, True, LAZY, USE_TMA, PREC)
     # Keys left of the diagonal block: every row sees all of them, no mask.
-    for start_n in range(0, start_m, BLOCK_N):
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q1, q2, kd1, kd2, vd, k_base, v_base, stride_kt, stride_vt,
-                                   offs_m, start_n, seq_len, qk_scale, D1, D2, DV, BLOCK_N, False, LAZY, USE_TMA,
-                                   PREC)
+    if PIPE:
+        # Software-pipelined: the next block's q k^T is issued before this block's softmax and p v, so the
+        # tensor cores can work while the softmax runs.
+        if start_m > 0:
+            qk = _fwd_qk(q1, q2, kd1, kd2, k_base, stride_kt, 0, seq_len, D1, D2, BLOCK_N, False, USE_TMA, PREC)
+            for start_n in range(0, start_m - BLOCK_N, BLOCK_N):
+                qk_next = _fwd_qk(q1, q2, kd1, kd2, k_base, stride_kt, start_n + BLOCK_N, seq_len, D1, D2, BLOCK_N,
+                                  False, USE_TMA, PREC)
+                acc, l_i, m_i = _fwd_softmax_pv(acc, l_i, m_i, qk, vd, v_base, stride_vt, offs_m, start_n, seq_len,
+                                                qk_scale, DV, BLOCK_N, False, LAZY, USE_TMA, PREC)
+                qk = qk_next
+            acc, l_i, m_i = _fwd_softmax_pv(acc, l_i, m_i, qk, vd, v_base, stride_vt, offs_m, start_m - BLOCK_N,
+                                            seq_len, qk_scale, DV, BLOCK_N, False, LAZY, USE_TMA, PREC)
+    else:
+        for start_n in range(0, start_m, BLOCK_N):
+            qk = _fwd_qk(q1, q2, kd1, kd2, k_base, stride_kt, start_n, seq_len, D1, D2, BLOCK_N, False, USE_TMA,
+                         PREC)
+            acc, l_i, m_i = _fwd_softmax_pv(acc, l_i, m_i, qk, vd, v_base, stride_vt, offs_m, start_n, seq_len,
+                                            qk_scale, DV, BLOCK_N, False, LAZY, USE_TMA, PREC)
     acc = acc / l_i[:, None]
     offs_dv = tl.arange(0, DV)
     o_base = O + tok0 * stride_ot + head * stride_oh
@@ -514,6 +538,7 @@ def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), softmax_scale * _LOG2E,
         D1=d1, D2=d2, DV=dv_dim, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, LAZY=config.fwd_lazy,
+        PIPE=config.fwd_pipeline,
         USE_TMA=_use_tma(config.fwd_tma, k, v), PREC=_prec(q.dtype),
         num_warps=config.fwd_warps, num_stages=config.fwd_stages)
     return out, lse

@@ -108,11 +108,12 @@ def _worker() -> dict:
         "tma_lazy_strided_48_32": _errors([5, 0, 40, 9], 2, 48, 32, strided=True,
                                           config=replace(INTERPRET_CONFIG, fwd_tma=True, dkdv_tma=True,
                                                          dq_tma=True, fwd_lazy=True)),
+        "pipeline_48_32": _errors([5, 17, 70, 9], 2, 48, 32, config=replace(INTERPRET_CONFIG, fwd_pipeline=True)),
         "lazy_large_scores_48_32": _errors([70, 9], 2, 48, 32, qk_gain=3.0,
                                            config=replace(INTERPRET_CONFIG, fwd_lazy=True)),
         "tma_lazy_gpu_blocks_192_128": _errors([130, 300, 5], 1, 192, 128, qk_gain=2.0, config=replace(
-            DEFAULT_CONFIG, fwd_tma=True, dkdv_tma=True, dq_tma=True, fwd_lazy=True, fwd_stages=1,
-            dkdv_stages=1, dq_stages=1)),
+            DEFAULT_CONFIG, fwd_tma=True, dkdv_tma=True, dq_tma=True, fwd_lazy=True, fwd_pipeline=True,
+            fwd_stages=1, dkdv_stages=1, dq_stages=1)),
         "isolation": _isolation([5, 17, 9], 2, 48, 32),
     }
 
@@ -128,7 +129,7 @@ def interpreted():
 
 @pytest.mark.parametrize("case", ["small_48_32", "nope_only_64_32", "empty_segment_strided", "real_dims_192_128",
                                   "gpu_blocks_192_128", "dq_atomic_48_32", "tma_lazy_strided_48_32",
-                                  "lazy_large_scores_48_32", "tma_lazy_gpu_blocks_192_128"])
+                                  "lazy_large_scores_48_32", "tma_lazy_gpu_blocks_192_128", "pipeline_48_32"])
 def test_interpreted_matches_reference(interpreted, case):
     errors = interpreted[case]
     for name, err in errors.items():
@@ -212,7 +213,7 @@ def test_gpu_low_precision_matches_fp32_reference(dtype, heads, lens):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_bf16_tma_lazy_matches_fp32_reference():
+def test_gpu_bf16_tma_lazy_pipeline_matches_fp32_reference():
     from dataclasses import replace
 
     from kernels.mla_attention import DEFAULT_CONFIG, mla_attention
@@ -220,13 +221,13 @@ def test_gpu_bf16_tma_lazy_matches_fp32_reference():
     lens, heads = [1000, 2048, 37, 1011], 16
     q, k, v, do = _inputs(lens, heads, 192, 128, dtype=torch.bfloat16, device="cuda", seed=7, qk_gain=2.0)
     cu = _cu(lens, "cuda")
-    config = replace(DEFAULT_CONFIG, fwd_tma=True, dkdv_tma=True, dq_tma=True, fwd_lazy=True)
+    config = replace(DEFAULT_CONFIG, fwd_tma=True, dkdv_tma=True, dq_tma=True, fwd_lazy=True, fwd_pipeline=True)
     got = _grads(lambda a, b, c: mla_attention(a, b, c, cu, max(lens), 192 ** -0.5, config=config), q, k, v, do)
     ref = _grads(lambda a, b, c: mla_attention_reference(a, b, c, cu, 192 ** -0.5), q.float(), k.float(), v.float(),
                  do.float())
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         err = _rel(a, b)
-        assert err < 2e-2, f"bf16 TMA + lazy {name}: ||a-b||/||b|| = {err:.3g}"
+        assert err < 2e-2, f"bf16 TMA + lazy + pipeline {name}: ||a-b||/||b|| = {err:.3g}"
 
 
 @pytest.mark.gpu
