@@ -16,15 +16,20 @@ for the mask. ``tl.arange`` needs powers of two, so dk is split into two parts, 
 power of two <= dk, D2 the rest, a power of two or 0: 192 = 128 + 64, 48 = 32 + 16, 64 = 64 + 0), computed
 as two dot products; dv must be a power of two. Other sizes raise ``ValueError``.
 
+``MLAConfig`` holds block sizes, warps and stages per kernel; ``DEFAULT_CONFIG`` is the fastest of three sweeps on an
+H100 (benchmarks/RESULTS_mla_attention.md: forward 1.50-1.55 ms, forward+backward 6.6 ms at batch 8 x 4096 tokens,
+16 heads, bf16; torch SDPA/cuDNN 1.27 / 5.6 ms). Options measured there and left off because they were slower:
+TMA descriptors (``*_tma``), lazy rescaling (``fwd_lazy``), a software-pipelined forward (``fwd_pipeline``),
+atomic dQ (``dq_atomic``).
+
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them too under ``TRITON_INTERPRET=1`` (set
 before triton is imported; fp32 only, as the interpreter has no real bf16 arithmetic), and otherwise fall back to
 the torch reference ``kernels.mla_attention_reference`` (computed in fp32).
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -565,13 +570,15 @@ def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, con
     dv = torch.empty(t, h, dv_dim, dtype=v.dtype, device=q.device)
     # Without atomics DQ is never touched: pass dk as a placeholder.
     dq_acc = torch.zeros(t, h, dk_dim, dtype=torch.float32, device=q.device) if config.dq_atomic else dk
-    LAST_LAUNCHED["mla_bwd_dkdv_kernel"] = _mla_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)](
+    grid = (triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)
+    LAST_LAUNCHED["mla_bwd_dkdv_kernel"] = _mla_bwd_dkdv_kernel[grid](
         q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale,
         D1=d1, D2=d2, DV_DIM=dv_dim, BLOCK_M1=config.BLOCK_M1, BLOCK_N1=config.BLOCK_N1,
-        DQ_ATOMIC=config.dq_atomic, USE_TMA=_use_tma(config.dkdv_tma, q, do), PREC=_prec(q.dtype), num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
+        DQ_ATOMIC=config.dq_atomic, USE_TMA=_use_tma(config.dkdv_tma, q, do), PREC=_prec(q.dtype),
+        num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
     return dk, dv, (dq_acc if config.dq_atomic else None)
 
 
@@ -582,12 +589,14 @@ def bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, confi
     dv_dim = v.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
     dq = torch.empty(t, h, dk_dim, dtype=q.dtype, device=q.device)
-    LAST_LAUNCHED["mla_bwd_dq_kernel"] = _mla_bwd_dq_kernel[(triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)](
+    grid = (triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)
+    LAST_LAUNCHED["mla_bwd_dq_kernel"] = _mla_bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), softmax_scale * _LOG2E,
         softmax_scale, D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2,
-        USE_TMA=_use_tma(config.dq_tma, k, v), PREC=_prec(q.dtype), num_warps=config.dq_warps, num_stages=config.dq_stages)
+        USE_TMA=_use_tma(config.dq_tma, k, v), PREC=_prec(q.dtype), num_warps=config.dq_warps,
+        num_stages=config.dq_stages)
     return dq
 
 

@@ -232,9 +232,10 @@ def test_gpu_bf16_tma_lazy_pipeline_matches_fp32_reference():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dq_atomic,use_tma,lazy", [(False, False, False), (True, False, False),
-                                                    (False, True, True)])
-def test_gpu_fp32_matches_reference(dq_atomic, use_tma, lazy):
+def test_gpu_fp32_matches_reference():
+    """fp32 inputs use exact fp32 products (input_precision="ieee", no tensor cores): about 30 s, mostly compiling.
+    The same test with the atomic-dQ and TMA options did not finish inside the H100 runs' time limits (see
+    benchmarks/RESULTS_mla_attention.md); those options are checked in bf16 below and on CPU."""
     from dataclasses import replace
 
     from kernels.mla_attention import DEFAULT_CONFIG, mla_attention
@@ -242,14 +243,33 @@ def test_gpu_fp32_matches_reference(dq_atomic, use_tma, lazy):
     lens = [300, 77, 513]
     q, k, v, do = _inputs(lens, 4, 192, 128, device="cuda", seed=6)
     cu = _cu(lens, "cuda")
-    config = replace(DEFAULT_CONFIG, dq_atomic=dq_atomic, fwd_tma=use_tma, dkdv_tma=use_tma, dq_tma=use_tma,
-                     fwd_lazy=lazy, fwd_stages=1, dkdv_stages=1, dq_stages=1, BLOCK_M=64, BLOCK_N=32, BLOCK_N1=64, BLOCK_M1=32, BLOCK_M2=64, BLOCK_N2=32)
+    config = replace(DEFAULT_CONFIG, fwd_stages=1, dkdv_stages=1, dq_stages=1, BLOCK_M=64, BLOCK_N=32, BLOCK_N1=64,
+                     BLOCK_M1=32, BLOCK_M2=64, BLOCK_N2=32)
     got = _grads(lambda a, b, c: mla_attention(a, b, c, cu, max(lens), 0.07, config=config), q, k, v, do)
     ref = _grads(lambda a, b, c: mla_attention_reference(a, b, c, cu, 0.07, compute_dtype=torch.float64),
                  q.double(), k.double(), v.double(), do.double())
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
         err = _rel(a, b)
         assert err < 1e-4, f"fp32 {name}: ||a-b||/||b|| = {err:.3g}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_bf16_dq_atomic_matches_fp32_reference():
+    from dataclasses import replace
+
+    from kernels.mla_attention import DEFAULT_CONFIG, mla_attention
+
+    lens, heads = [1000, 37, 1011], 8
+    q, k, v, do = _inputs(lens, heads, 192, 128, dtype=torch.bfloat16, device="cuda", seed=8)
+    cu = _cu(lens, "cuda")
+    config = replace(DEFAULT_CONFIG, dq_atomic=True)
+    got = _grads(lambda a, b, c: mla_attention(a, b, c, cu, max(lens), 192 ** -0.5, config=config), q, k, v, do)
+    ref = _grads(lambda a, b, c: mla_attention_reference(a, b, c, cu, 192 ** -0.5), q.float(), k.float(), v.float(),
+                 do.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        err = _rel(a, b)
+        assert err < 2e-2, f"bf16 atomic dQ {name}: ||a-b||/||b|| = {err:.3g}"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
