@@ -24,7 +24,7 @@ from cookbook.atomic import atomic_dir
 from cookbook.config import ConfigError, CookbookConfig
 from cookbook.models.hf_config import check_hf_config, hf_config_dict, read_hf_config
 
-BUILDER_VERSION = 2  # bump when the recipe below changes: it invalidates cached builds
+BUILDER_VERSION = 3  # bump when the recipe below changes: it invalidates cached builds
 WARMUP_ROWS = 6000
 WARMUP_STEPS = 600
 WARMUP_BATCH = 64
