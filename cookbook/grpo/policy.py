@@ -19,6 +19,7 @@ import torch
 from cookbook.config import CookbookConfig
 from cookbook.grpo import algorithm as A
 from cookbook.grpo.checkpoint import load_checkpoint, save_checkpoint
+from cookbook.grpo.fused_loss import fused_loss_enabled, fused_policy_loss
 from cookbook.models.hf_config import read_hf_config
 from cookbook.rundir import mcore_dir
 
@@ -51,6 +52,7 @@ class PolicyTrainer:
             [p for p in self.model.parameters() if p.requires_grad], lr=g.lr,
             betas=(g.adam_beta1, g.adam_beta2), weight_decay=g.weight_decay)
         self.pad_id = int(read_hf_config(hf_dir).get("pad_token_id") or 0)
+        self.fused_loss = fused_loss_enabled(cfg)  # grpo.use_fused_kernels on CUDA: kernels/grpo_loss.py
 
     # -- set-up -------------------------------------------------------------------------------
     def _load_initial_weights(self, hf_dir: str) -> None:
@@ -111,13 +113,19 @@ class PolicyTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for s in _micro_slices(len(mb), g.micro_batch_size):
                 idx = mb[s]
-                logp, entropy = self._token_logprobs(self.model, input_ids[idx], position_ids[idx], grad=True)
-                out = A.policy_loss(
-                    logp, old_logp[idx], advantages[idx], mask[idx], clip_low=g.clip_low, clip_high=g.clip_high,
-                    logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap, normalizer=normalizer,
-                    aggregation=g.loss_aggregation, ref_logp=ref_logp[idx], kl_coef=g.kl_coef,
-                    kl_estimator=g.kl_estimator, is_weights=None if is_weights is None else is_weights[idx],
-                    entropy=entropy, entropy_coef=g.entropy_coef)
+                weights = None if is_weights is None else is_weights[idx]
+                if self.fused_loss:
+                    out = fused_policy_loss(self.model, input_ids[idx], position_ids[idx], old_logp[idx],
+                                            advantages[idx], mask[idx], cfg=self.cfg, normalizer=normalizer,
+                                            ref_logp=ref_logp[idx], is_weights=weights)
+                else:
+                    logp, entropy = self._token_logprobs(self.model, input_ids[idx], position_ids[idx], grad=True)
+                    out = A.policy_loss(
+                        logp, old_logp[idx], advantages[idx], mask[idx], clip_low=g.clip_low,
+                        clip_high=g.clip_high, logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap,
+                        normalizer=normalizer, aggregation=g.loss_aggregation, ref_logp=ref_logp[idx],
+                        kl_coef=g.kl_coef, kl_estimator=g.kl_estimator, is_weights=weights, entropy=entropy,
+                        entropy_coef=g.entropy_coef)
                 out.loss.backward()
                 for k, v in out.metrics.items():
                     token_sums[k] = token_sums.get(k, 0.0) + float(v) * out.num_tokens

@@ -1,0 +1,95 @@
+"""The trainer's fused GPU loss (``grpo.use_fused_kernels``): the GRPO loss straight from the last hidden
+states and the output layer's weight, without ever holding ``[tokens, vocab]`` logits.
+
+At Moonlight's vocabulary (163840) a 16k-token micro-batch has 5 GiB of bf16 logits, and the unfused
+fp32 log-softmax plus its backward need about 30 GiB more; ``kernels.grpo_loss.fused_linear_grpo_loss``
+needs about 2 GiB (BENCHMARKS.md). Megatron's GPTModel applies its output layer inside ``forward``, so
+``hidden_states_instead_of_logits`` makes that layer hand back its input for one call; the kernel then
+does the output projection, log-probs, entropy, loss and both gradients. The metrics are the same as the
+unfused path's (``algorithm.policy_loss`` run on the kernel's detached log-probs).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from cookbook.config import ConfigError, CookbookConfig
+from cookbook.grpo import algorithm as A
+
+
+def fused_loss_enabled(cfg: CookbookConfig) -> bool:
+    """Whether the trainer takes the fused path: the switch is on and the policy runs on CUDA.
+
+    Raises for settings the kernel does not cover, so the switch never silently means "unfused".
+    """
+    from cookbook.megatron.model import use_cuda
+
+    g = cfg.grpo
+    if not (g.use_fused_kernels and use_cuda(cfg)):
+        return False
+    if g.loss_aggregation != "token_mean":
+        raise ConfigError(f"grpo.loss_aggregation={g.loss_aggregation!r} with grpo.use_fused_kernels=true: the "
+                          "fused loss supports only 'token_mean'; set one of the two differently")
+    if cfg.parallel.tensor > 1:
+        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} with grpo.use_fused_kernels=true: the fused "
+                          "loss needs the whole vocabulary on one rank (tensor=1); set use_fused_kernels=false")
+    return True
+
+
+class _Captured:
+    weight: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def hidden_states_instead_of_logits(model: torch.nn.Module) -> Iterator[_Captured]:
+    """Inside the block, ``model(...)`` returns the final hidden states ``[b, s, hidden]`` instead of the
+    logits, and the output layer's weight (its own, or the tied embedding) is captured for the kernel."""
+    layer = model.output_layer
+    captured = _Captured()
+
+    def passthrough(input_, weight=None, runtime_gather_output=None):
+        captured.weight = layer.weight if weight is None else weight
+        return input_, None
+
+    layer.forward = passthrough
+    try:
+        yield captured
+    finally:
+        del layer.forward  # back to the class's forward
+
+
+def fused_policy_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                      cfg: CookbookConfig, normalizer: float, ref_logp: Optional[torch.Tensor] = None,
+                      is_weights: Optional[torch.Tensor] = None) -> A.LossOutput:
+    """The GRPO loss of one micro-batch through the fused kernel; same arguments and result as
+    ``algorithm.policy_loss`` (``[B, T-1]`` tensors aligned with ``input_ids[:, 1:]``, advantages ``[B]``)."""
+    from kernels.grpo_loss import fused_linear_grpo_loss
+
+    from cookbook.megatron.model import forward_logits
+
+    g = cfg.grpo
+    with hidden_states_instead_of_logits(model) as captured:
+        hidden = forward_logits(model, input_ids, position_ids)
+    tokens = hidden[:, :-1]
+    mask = mask.bool()
+    per_token_adv = advantages.to(torch.float32).unsqueeze(-1).expand_as(old_logp)
+
+    def flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.reshape(-1).to(hidden.device)
+
+    loss, logp, entropy = fused_linear_grpo_loss(
+        tokens.reshape(-1, tokens.shape[-1]), captured.weight, flat(input_ids[:, 1:]), flat(old_logp),
+        flat(per_token_adv), flat(mask), temperature=g.temperature, clip_low=g.clip_low, clip_high=g.clip_high,
+        logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap, normalizer=normalizer, ref_logp=flat(ref_logp),
+        kl_coef=g.kl_coef, kl_estimator=g.kl_estimator, is_weights=flat(is_weights), entropy_coef=g.entropy_coef)
+    with torch.no_grad():  # the metrics of the unfused path, from the kernel's log-probs
+        logp, entropy = logp.view_as(old_logp).to(old_logp.device), entropy.view_as(old_logp).to(old_logp.device)
+        metrics = A.policy_loss(
+            logp, old_logp, advantages, mask, clip_low=g.clip_low, clip_high=g.clip_high,
+            logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap, normalizer=normalizer, ref_logp=ref_logp,
+            kl_coef=g.kl_coef, kl_estimator=g.kl_estimator, is_weights=is_weights, entropy=entropy,
+            entropy_coef=g.entropy_coef)
+    return A.LossOutput(loss, metrics.metrics, metrics.num_tokens)
