@@ -17,7 +17,7 @@ power of two <= dk, D2 the rest, a power of two or 0: 192 = 128 + 64, 48 = 32 + 
 as two dot products; dv must be a power of two. Other sizes raise ``ValueError``.
 
 ``MLAConfig`` holds block sizes, warps and stages per kernel; ``DEFAULT_CONFIG`` is the fastest of three sweeps on an
-H100 (benchmarks/RESULTS_mla_attention.md: forward 1.50-1.55 ms, forward+backward 6.6 ms at batch 8 x 4096 tokens,
+H100 (BENCHMARKS.md, MLA causal attention: forward 1.50-1.55 ms, forward+backward 6.6 ms at batch 8 x 4096 tokens,
 16 heads, bf16; torch SDPA/cuDNN 1.27 / 5.6 ms). Options measured there and left off because they were slower:
 TMA descriptors (``*_tma``), lazy rescaling (``fwd_lazy``), a software-pipelined forward (``fwd_pipeline``),
 atomic dQ (``dq_atomic``).

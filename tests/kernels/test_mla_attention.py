@@ -235,7 +235,7 @@ def test_gpu_bf16_tma_lazy_pipeline_matches_fp32_reference():
 def test_gpu_fp32_matches_reference():
     """fp32 inputs use exact fp32 products (input_precision="ieee", no tensor cores): about 30 s, mostly compiling.
     The same test with the atomic-dQ and TMA options did not finish inside the H100 runs' time limits (see
-    benchmarks/RESULTS_mla_attention.md); those options are checked in bf16 below and on CPU."""
+    BENCHMARKS.md, MLA causal attention); those options are checked in bf16 below and on CPU."""
     from dataclasses import replace
 
     from kernels.mla_attention import DEFAULT_CONFIG, mla_attention
