@@ -47,7 +47,8 @@ def _compare(cfg, device, tol):
     fused_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     assert fused.num_tokens == plain.num_tokens
-    assert abs(float(fused.loss.detach()) - float(plain.loss.detach())) <= tol * max(1.0, abs(float(plain.loss.detach())))
+    fused_loss, plain_loss = float(fused.loss.detach()), float(plain.loss.detach())
+    assert abs(fused_loss - plain_loss) <= tol * max(1.0, abs(plain_loss))
     assert fused.metrics.keys() == plain.metrics.keys()
     for k in plain.metrics:
         assert abs(fused.metrics[k] - plain.metrics[k]) <= tol * max(1.0, abs(plain.metrics[k])), k
