@@ -3,9 +3,10 @@
 Megatron-Core is written for CUDA + Transformer Engine; its local (non-TE) layers run on CPU once a few
 CUDA assumptions are bridged (shared/reference/platform-facts.md lists what was found). Each workaround
 below is a small named function, applies only to the megatron-core versions in ``AFFECTED`` and only when
-CUDA is absent, and has a test in tests/unit/test_megatron_compat.py that calls the unpatched upstream
-code to show the problem is still there. When a new megatron-core fixes one, its test fails and the
-workaround (and its test) can go.
+CUDA is absent (``WORKAROUNDS``) or, for the ones in ``NO_TE_WORKAROUNDS``, whenever Transformer Engine is
+absent (CPU, and GPU machines without TE), and has a test in tests/unit/test_megatron_compat.py that calls
+the unpatched upstream code to show the problem is still there. When a new megatron-core fixes one, its
+test fails and the workaround (and its test) can go.
 
 ``apply_cpu_compat()`` applies them all; calling it again does nothing.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import types
 from typing import Callable
 
 import torch
@@ -30,10 +33,19 @@ def megatron_version() -> Version:
     return Version(__version__)
 
 
+def affected_version() -> bool:
+    low, high = AFFECTED
+    return low <= megatron_version() < high
+
+
 def needed() -> bool:
     """True on a CPU-only process with an affected megatron-core."""
-    low, high = AFFECTED
-    return not torch.cuda.is_available() and low <= megatron_version() < high
+    return not torch.cuda.is_available() and affected_version()
+
+
+def te_missing() -> bool:
+    """True when Transformer Engine cannot be imported (the local layer spec and torch norms are used)."""
+    return importlib.util.find_spec("transformer_engine") is None
 
 
 def applied() -> tuple[str, ...]:
@@ -95,20 +107,79 @@ def _cuda_synchronize() -> None:
     torch.cuda.synchronize = lambda device=None: None
 
 
+class _TorchWithCPUZeros(types.ModuleType):
+    """``torch`` as the pipeline schedules see it: the same module, except that ``zeros`` asked for on
+    "cuda" is made on the CPU."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def _schedules_token_counter() -> None:
+    """Every pipeline schedule (``forward_backward_no_pipelining`` and both pipelined ones) counts tokens in
+    ``torch.zeros([], device="cuda")``: give the schedules module a ``torch`` whose ``zeros`` makes that
+    tensor on the CPU (nothing else in it changes)."""
+    from megatron.core.pipeline_parallel import schedules
+
+    ORIGINALS["schedules.torch"] = schedules.torch
+    schedules.torch = _TorchWithCPUZeros("torch")
+
+
+def _torch_norm_sequence_parallel() -> None:
+    """Without TE, every norm of the local layer spec is ``WrappedTorchNorm``, which asserts
+    ``not config.sequence_parallel`` although a norm is per token and computes the same on a sequence shard.
+    What sequence parallelism does need is the TP all-reduce of the norm's weight gradient (each rank saw
+    only its shard of tokens): Megatron's own norms ask for it by marking the weight ``sequence_parallel``,
+    so build the torch norm with the flag off and mark its parameters the same way."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original = WrappedTorchNorm.__new__
+    ORIGINALS["WrappedTorchNorm.__new__"] = original
+
+    def __new__(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+                normalization="LayerNorm"):
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            norm = original(cls, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    WrappedTorchNorm.__new__ = __new__
+
+
+NO_TE_WORKAROUNDS: dict[str, Callable[[], None]] = {
+    "torch_norm_sequence_parallel": _torch_norm_sequence_parallel,
+}
+
 WORKAROUNDS: dict[str, Callable[[], None]] = {
     "cpu_current_device": _cpu_current_device,
     "te_flags": _te_flags,
     "router_gemm_name": _router_gemm_name,
     "cpu_rng_tracker": _cpu_rng_tracker,
     "cuda_synchronize": _cuda_synchronize,
+    "schedules_token_counter": _schedules_token_counter,
 }
 
 
 def apply_cpu_compat() -> tuple[str, ...]:
-    """Apply every workaround once (a no-op with CUDA or an unaffected megatron-core); returns their names."""
-    if not needed():
+    """Apply every workaround that this process needs, once (none with an unaffected megatron-core; the
+    no-TE ones also with CUDA); returns the names applied so far."""
+    if not affected_version():
         return applied()
-    for name, fix in WORKAROUNDS.items():
+    chosen = dict(NO_TE_WORKAROUNDS) if te_missing() else {}
+    if needed():
+        chosen.update(WORKAROUNDS)
+    for name, fix in chosen.items():
         if name not in _applied:
             fix()
             _applied.append(name)

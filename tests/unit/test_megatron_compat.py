@@ -26,7 +26,8 @@ def _fresh_copy(module_name):
 
 def test_guard_and_idempotence(applied):
     assert compat.needed() and compat.AFFECTED[0] <= compat.megatron_version() < compat.AFFECTED[1]
-    assert applied == tuple(compat.WORKAROUNDS)
+    assert compat.te_missing()  # the CPU stack has no Transformer Engine: the no-TE workarounds apply too
+    assert set(applied) == set(compat.WORKAROUNDS) | set(compat.NO_TE_WORKAROUNDS)
     patched = torch.cuda.current_device
     assert compat.apply_cpu_compat() == applied and torch.cuda.current_device is patched
 
@@ -78,3 +79,73 @@ def test_cuda_synchronize():
     with pytest.raises((AssertionError, RuntimeError)):
         compat.ORIGINALS["torch.cuda.synchronize"]()
     assert torch.cuda.synchronize() is None
+
+
+def _tiny_transformer_config(**overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    values = dict(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
+                  use_cpu_initialization=True)
+    values.update(overrides)
+    return TransformerConfig(**values)
+
+
+def test_torch_norm_sequence_parallel():
+    config = _tiny_transformer_config()
+    config.sequence_parallel = True  # set after construction: the config checks need a TP group for it
+    fresh = _fresh_copy("megatron.core.transformer.torch_norm")
+    with pytest.raises(AssertionError, match="sequence parallel"):
+        fresh.WrappedTorchNorm(config, 8, eps=1e-6)
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    norm = WrappedTorchNorm(config, 8, eps=1e-6)
+    assert config.sequence_parallel is True  # the caller's config is left as it was
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.weight.sequence_parallel is True
+    x = torch.randn(3, 8)
+    assert torch.allclose(norm(x), torch.nn.functional.rms_norm(x, (8,), norm.weight, 1e-6))
+    config.sequence_parallel = False
+    assert WrappedTorchNorm(config, 8).weight.sequence_parallel is False
+
+
+class _Identity(torch.nn.Module):
+    """The least a schedule needs from a model: a config, an input-tensor setter, a model type."""
+
+    def __init__(self):
+        super().__init__()
+        from megatron.core.transformer.enums import ModelType
+
+        self.config = _tiny_transformer_config()
+        self.model_type = ModelType.encoder_or_decoder
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def set_input_tensor(self, tensor):
+        pass
+
+
+def _run_schedule(schedule):
+    model = _Identity()
+
+    def step(data, model):
+        out = model.w * next(data)
+        return out, lambda out: (out.sum(), {"value": out.detach()})
+
+    return schedule(forward_step_func=step, data_iterator=iter([torch.tensor(2.0)]), model=model,
+                    num_microbatches=1, seq_length=1, micro_batch_size=1), model
+
+
+def test_schedules_token_counter():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the schedule asks parallel_state for its groups
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+    fresh = _fresh_copy("megatron.core.pipeline_parallel.schedules")
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+        _run_schedule(fresh.forward_backward_no_pipelining)
+    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+
+    store, model = _run_schedule(forward_backward_no_pipelining)
+    assert float(store[0]["value"]) == 2.0 and float(model.w.grad) == 2.0
