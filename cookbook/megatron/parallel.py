@@ -1,0 +1,283 @@
+"""The layout-aware pieces of training one Megatron-Core model under any TP / EP / PP / DP layout.
+
+``PolicyTrainer`` (one process) uses plain torch: full logits, ``clip_grad_norm_``, ``state_dict()``.
+Under a parallel layout each of those changes meaning, and this module gives the version that is right
+for every layout, TP = EP = PP = 1 included, so one code path serves both:
+
+- log-probs and entropy from vocab-parallel logits (each TP rank holds ``vocab / TP`` columns);
+- the data-parallel shard of a global batch (EP ranks are DP ranks for the dense layers);
+- the gradient reductions Megatron's DDP + ``finalize_model_grads`` would do (we use plain torch
+  optimizers, whose DDP hard-codes CUDA): sequence-parallel norms and router over TP, dense parameters
+  over DP, routed experts over expert-DP;
+- the global gradient norm (each parameter counted once, whatever its sharding) and clipping;
+- the full, single-process-named tensors of a sharded model, for the HF weight sync and for checks.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def layout() -> dict[str, int]:
+    """The sizes and this rank's coordinates of the current Megatron layout (for logs and checks)."""
+    ps = _ps()
+    return {
+        "world": dist.get_world_size(), "rank": dist.get_rank(),
+        "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
+        "expert_dp": ps.get_expert_data_parallel_group().size(),
+        "tp_rank": ps.get_tensor_model_parallel_rank(), "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "ep_rank": ps.get_expert_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
+    }
+
+
+# -- the batch ------------------------------------------------------------------------------------
+def data_parallel_rows(n: int) -> slice:
+    """This data-parallel rank's contiguous rows of a global batch of ``n`` (equal shares: with experts
+    spread over the DP ranks, every rank must run the same number of forward passes)."""
+    ps = _ps()
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if n % dp:
+        raise ValueError(f"a batch of {n} sequences does not split evenly over {dp} data-parallel ranks; "
+                         "make prompts_per_step * samples_per_prompt / num_minibatches a multiple of it")
+    share = n // dp
+    return slice(rank * share, (rank + 1) * share)
+
+
+def sequence_multiple() -> int:
+    """Sequence lengths must be a multiple of this (sequence parallelism splits tokens over TP)."""
+    return _ps().get_tensor_model_parallel_world_size()
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-sized row blocks of every data-parallel rank, in rank order."""
+    group = _ps().get_data_parallel_group()
+    if group.size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(group.size())]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+                              device: torch.device) -> torch.Tensor:
+    """A tensor computed on the last pipeline stage, on every stage of this pipeline."""
+    ps = _ps()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
+                   group=ps.get_pipeline_model_parallel_group())
+    return tensor
+
+
+# -- log-probs from vocab-parallel logits --------------------------------------------------------
+def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log-prob of each target and the entropy of each position, from logits ``[..., vocab / TP]``.
+
+    The same quantities as ``cookbook.grpo.algorithm.token_logprobs`` without gathering the vocabulary:
+    the log-prob is minus Megatron's ``vocab_parallel_cross_entropy`` (its backward is the memory-lean
+    one); megatron-core has no vocab-parallel entropy, so it is computed here from three TP reductions,
+    differentiable (an all-reduce's backward is the identity on each rank's shard).
+    """
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region, vocab_parallel_cross_entropy
+
+    if temperature <= 0:
+        raise ValueError(f"temperature {temperature}: must be > 0 (config key grpo.temperature)")
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on [B, T]")
+    group = _ps().get_tensor_model_parallel_group()
+    # the cross entropy works in place on its input: give it a tensor of its own
+    logp = -vocab_parallel_cross_entropy(logits.float() / temperature, targets)
+    scaled = logits.float() / temperature
+    with torch.no_grad():
+        shift = scaled.max(dim=-1).values
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    z = scaled - shift.unsqueeze(-1)
+    e = z.exp()
+    sum_e = reduce_from_tensor_model_parallel_region(e.sum(-1))
+    sum_ez = reduce_from_tensor_model_parallel_region((e * z).sum(-1))
+    entropy = sum_e.log() - sum_ez / sum_e
+    return logp, entropy
+
+
+# -- gradients ------------------------------------------------------------------------------------
+def is_expert_parameter(name: str) -> bool:
+    """Routed-expert weights: replicated over expert-DP, not over DP (the shared expert is dense)."""
+    return ".mlp.experts." in name
+
+
+def _params(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.grad is not None:
+            yield name, param
+
+
+def _all_reduce_coalesced(grads: list[torch.Tensor], group) -> None:
+    if not grads or group.size() == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
+def finish_grad_sync(model: torch.nn.Module) -> None:
+    """Sum gradients where several ranks each hold part of one parameter's gradient.
+
+    Losses are sums over this rank's tokens divided by the token count of the whole global batch, so the
+    reductions are sums, never means: over TP for weights marked ``sequence_parallel`` (norms, router;
+    each rank saw its own sequence shard), over DP for dense parameters, over expert-DP for routed
+    experts. (What Megatron's DDP and ``finalize_model_grads`` do, for plain torch optimizers.)
+    """
+    ps = _ps()
+    if model.config.sequence_parallel:
+        _all_reduce_coalesced([p.grad for _, p in _params(model) if getattr(p, "sequence_parallel", False)],
+                              ps.get_tensor_model_parallel_group())
+    params = list(_params(model))
+    _all_reduce_coalesced([p.grad for n, p in params if not is_expert_parameter(n)],
+                          ps.get_data_parallel_group(with_context_parallel=True))
+    _all_reduce_coalesced([p.grad for n, p in params if is_expert_parameter(n)],
+                          ps.get_expert_data_parallel_group())
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of the whole model's gradient, each parameter counted once: TP-sharded weights by every
+    shard, TP-replicated ones by TP rank 0, summed over the pipeline stages and expert-parallel ranks.
+    Call after ``finish_grad_sync`` (replicas then hold equal gradients)."""
+    ps = _ps()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    etp_rank = ps.get_expert_tensor_parallel_rank()
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    for name, param in _params(model):
+        sq = param.grad.detach().double().pow(2).sum().cpu()
+        if is_expert_parameter(name):
+            if getattr(param, "tensor_model_parallel", False) or etp_rank == 0:
+                expert += sq
+        elif getattr(param, "tensor_model_parallel", False) or tp_rank == 0:
+            dense += sq
+    device = next(model.parameters()).device
+    dense, expert = dense.to(device), expert.to(device)
+    dist.all_reduce(dense, group=ps.get_model_parallel_group())  # TP x PP
+    dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())  # ETP x EP x PP
+    return float((dense + expert).sqrt())
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Scale the gradients so that their global norm is at most ``max_norm`` (the coefficient
+    ``torch.nn.utils.clip_grad_norm_`` uses); returns the norm before clipping."""
+    norm = grad_norm(model)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for _, param in _params(model):
+            param.grad.mul_(coef)
+    return norm
+
+
+# -- full tensors from a sharded model --------------------------------------------------------------
+def _global_name(name: str, layer_numbers: dict[int, int], expert_offset: int) -> str:
+    """Local (this stage's layer, this EP rank's expert) name -> the single-process model's name."""
+    layer = _LAYER.match(name)
+    if layer:
+        name = f"decoder.layers.{layer_numbers[int(layer.group(1))]}." + name[layer.end():]
+    expert = _EXPERT.search(name)
+    if expert:
+        name = name[:expert.start()] + f".local_experts.{int(expert.group(1)) + expert_offset}." + name[expert.end():]
+    return name
+
+
+def _is_glu_fc1(name: str, model: torch.nn.Module) -> bool:
+    return model.config.gated_linear_unit and name.endswith("linear_fc1.weight")
+
+
+def _join_shards(name: str, shards: list[torch.Tensor], dim: int, glu: bool) -> torch.Tensor:
+    if len(shards) == 1:
+        return shards[0]
+    if glu:  # each shard is [gate_r; up_r]: the full tensor is [gate_0 .. gate_n; up_0 .. up_n]
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=dim)
+
+
+def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (or, with ``grads``, every parameter's gradient) of a model built under
+    any layout, as full CPU tensors named as in the single-process model, on every rank.
+
+    Each tensor is contributed once: TP shards by every TP rank of its group (expert TP for experts) and
+    joined along their partition dimension (a gated fc1 as gates then ups), replicated tensors by rank 0
+    of their TP group and their DP (or expert-DP) group; pipeline stages and EP ranks each add what they
+    hold. Everything travels through one ``all_gather_object``: fine for the presets trained here; the
+    real-size models need a per-layer stream instead.
+    """
+    ps = _ps()
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+    dp_rank, edp_rank = ps.get_data_parallel_rank(with_context_parallel=True), ps.get_expert_data_parallel_rank()
+    num_local_experts = model.config.num_moe_experts // ps.get_expert_model_parallel_world_size() \
+        if model.config.num_moe_experts else 0
+    expert_offset = ps.get_expert_model_parallel_rank() * num_local_experts
+    layer_numbers = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    params = dict(model.named_parameters())
+
+    mine: dict[str, tuple[int, int, bool, torch.Tensor]] = {}  # name -> (shard rank, dim, glu, data)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        param = params.get(name)
+        if grads:
+            if param is None or param.grad is None:
+                continue
+            tensor = param.grad
+        expert = is_expert_parameter(name)
+        sharded = param is not None and getattr(param, "tensor_model_parallel", False)
+        shard_rank = (etp_rank if expert else tp_rank) if sharded else 0
+        if (not sharded and (etp_rank if expert else tp_rank) != 0) or (edp_rank if expert else dp_rank) != 0:
+            continue
+        dim = getattr(param, "partition_dim", 0) if sharded else 0
+        mine[_global_name(name, layer_numbers, expert_offset)] = (
+            shard_rank, dim, _is_glu_fc1(name, model), tensor.detach().cpu().clone())
+
+    everyone: list[dict] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    pieces: dict[str, dict[int, tuple[int, bool, torch.Tensor]]] = {}
+    for rank_pieces in everyone:
+        for name, (shard_rank, dim, glu, data) in rank_pieces.items():
+            pieces.setdefault(name, {})[shard_rank] = (dim, glu, data)
+    full = {}
+    for name, shards in pieces.items():
+        ordered = [shards[r] for r in sorted(shards)]
+        if sorted(shards) != list(range(len(shards))):
+            raise RuntimeError(f"'{name}': shards {sorted(shards)} gathered; a rank's piece is missing")
+        full[name] = _join_shards(name, [s[2] for s in ordered], ordered[0][0], ordered[0][1])
+    return dict(sorted(full.items(), key=lambda kv: _sort_key(kv[0])))
+
+
+def _sort_key(name: str) -> tuple:
+    layer = _LAYER.match(name)
+    expert = _EXPERT.search(name)
+    return (0 if name.startswith("embedding") else 2 if layer is None else 1,
+            int(layer.group(1)) if layer else 0, int(expert.group(1)) if expert else -1, name)
+
+
+def gather_hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """HF-named full weights of a model trained under any layout (the rollout engine's weight sync),
+    through the one name table ``cookbook.convert.names``; on every rank."""
+    from cookbook.convert.names import megatron_to_hf_tensors
+
+    return {name: t.contiguous() for name, t in megatron_to_hf_tensors(gather_full_tensors(model).items())}
