@@ -40,14 +40,18 @@ def data_files(cfg: CookbookConfig) -> tuple[Path, Path]:
     return train, test
 
 
-def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig, step: int) -> dict[str, float]:
-    """Accuracy and mean response length on the test split with the reference's eval sampling."""
+def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig) -> dict[str, float]:
+    """Accuracy and mean response length on the test split with the reference's eval sampling.
+
+    Every evaluation of a run draws with the same seed, so two evaluations differ by what the policy
+    learned, not by the luck of the draw.
+    """
     import ray
 
     g = cfg.grpo
     samples = ray.get(rollout.generate.remote(
         [r["prompt"] for r in records], n=1, temperature=g.eval_temperature, top_p=g.eval_top_p,
-        top_k=g.eval_top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step, "eval")))
+        top_k=g.eval_top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, 0, "eval")))
     scores = score_batch([s.text for s in samples],
                          [records[s.prompt_index]["reward_model"]["ground_truth"] for s in samples])
     return {"eval/accuracy": float(np.mean([r.score for r in scores])),
@@ -113,7 +117,7 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
     history: list[dict[str, Any]] = []
     try:
         if start == 0 and g.eval_every:
-            baseline = evaluate(rollout, test_records, cfg, 0)
+            baseline = evaluate(rollout, test_records, cfg)
             tracker.log(0, baseline)
             history.append({"step": 0, **baseline})
         last = g.steps if stop_after is None else min(g.steps, start + stop_after)
@@ -141,7 +145,7 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
 
             if g.eval_every and step % g.eval_every == 0:
                 t0 = time.perf_counter()
-                metrics.update(evaluate(rollout, test_records, cfg, step))
+                metrics.update(evaluate(rollout, test_records, cfg))
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
             tracker.log(step, metrics)

@@ -81,7 +81,8 @@ def test_the_warmed_up_model_answers_in_boxed_and_gets_some_right():
 
     hf_dir = resolve_hf_dir(load_config("tiny"))  # built once per machine, then cached
     report = load_warmup_report(hf_dir)
-    assert report["greedy_accuracy"] > 0.0 and report["params"] < 5_000_000
+    # the warm-up leaves room both ways for GRPO: builder v3 measured 0.47 on 200 generated test problems
+    assert 0.3 < report["greedy_accuracy"] < 0.8 and report["params"] < 5_000_000
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir)
     answers = greedy_answers(model, tok, [e["problem"] + SUFFIX for e in report["examples"]])
