@@ -171,6 +171,8 @@ def parallel_steps(cfg, model, batch, steps: int) -> dict:
             rec["grad_norm"].append(m["grad_norm"])
         _sync()
         rec["step_s"].append(time.perf_counter() - t0)  # step 0 includes warm-up and the gradient gather
+        if step == 0 and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # peak memory of the steady steps, not of the gathers
     rec["logp"].append(logprobs())
     return rec
 
@@ -293,14 +295,10 @@ def reference(args) -> dict:
     torch.set_num_threads(args.threads)
     out, cfg = Path(args.out), single_cfg(args)
     batch = make_batch(cfg, args.size)
-    if args.gpu:
-        torch.cuda.reset_peak_memory_stats()
     plain = plain_steps(cfg, build(cfg, out / "mcore"), batch, args.steps)
     model = build(cfg, out / "mcore")
     from cookbook.megatron.parallel import gather_full_tensors
 
-    if args.gpu:
-        torch.cuda.reset_peak_memory_stats()
     par = parallel_steps(cfg, model, batch, args.steps)
     plain["weights"] = gather_full_tensors(model)  # the parallel path's; checked against plain's below
     torch.save(plain, out / "reference.pt")
@@ -323,8 +321,6 @@ def layouts(args) -> dict:
         cfg = make_cfg(args.size, name, args.gpu)
         batch = make_batch(cfg, args.size)
         model = build(cfg, out / "mcore", rank, world)
-        if args.gpu:
-            torch.cuda.reset_peak_memory_stats()
         loaded = gather_hf_weights(model)
         res = {"layout": {k: v for k, v in layout().items() if k not in ("rank",) and not k.endswith("_rank")}}
         if rank == 0:
@@ -334,9 +330,9 @@ def layouts(args) -> dict:
         peaks = [None] * world
         dist.all_gather_object(peaks, peak_memory_gib())
         t0 = time.perf_counter()
-        weights = gather_hf_weights(model)
-        res["gather_s"] = time.perf_counter() - t0
         full = gather_full_tensors(model)
+        res["gather_s"] = time.perf_counter() - t0
+        weights = dict(megatron_to_hf_tensors(full.items()))
         if rank == 0:
             res.update(compare(rec, ref))
             ref_hf = dict(megatron_to_hf_tensors(ref["weights"].items()))
