@@ -20,20 +20,20 @@ FLAGS="--out $WORK --size $SIZE --steps $STEPS"
 [ "$GPU" = 1 ] && FLAGS="$FLAGS --gpu"
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
 
-step() {  # step NAME COMMAND...: run, keep the log, report the exit status and time
-  local name=$1; shift
+step() {  # step NAME LIMIT_S COMMAND...: run (killed after LIMIT_S), keep the log, report status and time
+  local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "$name rc=$? $((SECONDS - t0))s"
 }
 
 [ "$GPU" = 1 ] && nvidia-smi --query-gpu=index,name,memory.total --format=csv
-step prepare "$PY" $PROBE prepare $FLAGS --threads 8
-step split bash -c "$PY $PROBE convert-part $FLAGS --part 1 --parts 2 --threads 4 & \
+step prepare 150 "$PY" $PROBE prepare $FLAGS --threads 8
+step split 180 bash -c "$PY $PROBE convert-part $FLAGS --part 1 --parts 2 --threads 4 & \
   RANK=0 $PY $PROBE convert-part $FLAGS --part 0 --parts 2 --threads 4; wait"
-step compare "$PY" $PROBE compare-ckpt $FLAGS
-step reference env CUDA_VISIBLE_DEVICES=0 "$PY" $PROBE reference $FLAGS --threads 8
-step layouts "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 $PROBE layouts $FLAGS --threads 8 \
+step compare 60 "$PY" $PROBE compare-ckpt $FLAGS
+step reference 180 env CUDA_VISIBLE_DEVICES=0 "$PY" $PROBE reference $FLAGS --threads 8
+step layouts 330 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 $PROBE layouts $FLAGS --threads 8 \
   --layouts "$LAYOUTS"
-step verify env CUDA_VISIBLE_DEVICES=0 "$PY" $PROBE verify $FLAGS --layout "${LAYOUTS##*,}" --threads 8
+step verify 90 env CUDA_VISIBLE_DEVICES=0 "$PY" $PROBE verify $FLAGS --layout "${LAYOUTS##*,}" --threads 8
 "$PY" benchmarks/multi_gpu_summary.py "$OUT"
