@@ -221,6 +221,8 @@ def _mla_rope_key_grad() -> None:
 
 
 NO_TE_WORKAROUNDS: dict[str, Callable[[], None]] = {
+    "te_flags": _te_flags,
+    "router_gemm_name": _router_gemm_name,
     "torch_norm_sequence_parallel": _torch_norm_sequence_parallel,
     "mla_rope_key_grad": _mla_rope_key_grad,
 }
@@ -230,8 +232,6 @@ SKIP_ENV = "COOKBOOK_MCORE_COMPAT_SKIP"
 
 WORKAROUNDS: dict[str, Callable[[], None]] = {
     "cpu_current_device": _cpu_current_device,
-    "te_flags": _te_flags,
-    "router_gemm_name": _router_gemm_name,
     "cpu_rng_tracker": _cpu_rng_tracker,
     "cuda_synchronize": _cuda_synchronize,
     "schedules_token_counter": _schedules_token_counter,
