@@ -35,19 +35,27 @@ def summarize(out: Path) -> dict:
     if found["reference"]:
         r = found["reference"][0]
         summary["reference"] = r
+        v = r["parallel_step_vs_plain"]
         rows.append({"layout": "1 process", "gpus": 1, "tokens_per_s": r["tokens_per_step"] / steady(r["step_s"]),
-                     "peak_gib": [r["peak_gib"]], **{k: r["parallel_step_vs_plain"][k] for k in ERRORS}})
+                     "peak_gib": [r["peak_gib"]], **{k: v[k] for k in ERRORS}, **_over(v)})
     if found["layouts"]:
         for name, res in found["layouts"][0]["results"].items():
             tps = res["tokens_per_step"] / steady(res["step_s"])
             rows.append({"layout": name, "gpus": res["layout"]["world"], "tokens_per_s": tps,
                          "peak_gib": res["peak_gib_per_rank"], "hf_sync_logp_max": res["hf_sync_logp_max"],
                          "load_bit_exact": res["load_bit_exact"], "gather_s": res["gather_s"],
-                         **{k: res[k] for k in ERRORS}})
+                         "hf_sync_over": res["hf_sync_stats"]["over_1e-3"],
+                         **{k: res[k] for k in ERRORS}, **_over(res)})
     if found["verify"]:
         summary["verify"] = found["verify"][0]
     summary["rows"] = rows
     return summary
+
+
+def _over(diff: dict) -> dict:
+    """Tokens whose log-prob differs by more than 1e-3, before and after the steps, of how many."""
+    return {"over_before": diff["logp_before_stats"]["over_1e-3"], "over_after": diff["logp_after_stats"]["over_1e-3"],
+            "tokens": diff["logp_before_stats"]["tokens"]}
 
 
 ERRORS = ("logp_before_step", "loss", "grad_norm_rel", "grad_rel_max", "logp_after_steps")
@@ -55,14 +63,15 @@ ERRORS = ("logp_before_step", "loss", "grad_norm_rel", "grad_rel_max", "logp_aft
 
 def table(rows: list[dict]) -> str:
     head = ("| layout | GPUs | tokens/s (per GPU) | peak GiB per GPU | logp before | loss | grad norm rel | "
-            "grad rel max | logp after | HF sync logp |")
+            "grad rel max | logp after | tokens > 1e-3 before / after (of N) | HF sync logp (tokens > 1e-3) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         peaks = " / ".join(f"{p:.2f}" for p in r["peak_gib"])
-        sync = f"{r['hf_sync_logp_max']:.1e}" if "hf_sync_logp_max" in r else "-"
+        sync = f"{r['hf_sync_logp_max']:.1e} ({r['hf_sync_over']})" if "hf_sync_logp_max" in r else "-"
         lines.append(f"| {r['layout']} | {r['gpus']} | {r['tokens_per_s']:.0f} ({r['tokens_per_s'] / r['gpus']:.0f}) | "
                      f"{peaks} | {r['logp_before_step']:.1e} | {r['loss']:.1e} | {r['grad_norm_rel']:.1e} | "
-                     f"{r['grad_rel_max']:.1e} | {r['logp_after_steps']:.1e} | {sync} |")
+                     f"{r['grad_rel_max']:.1e} | {r['logp_after_steps']:.1e} | "
+                     f"{r['over_before']} / {r['over_after']} (of {r['tokens']}) | {sync} |")
     return "\n".join(lines)
 
 

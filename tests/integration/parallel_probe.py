@@ -32,11 +32,11 @@ LAYOUTS = {  # name -> (tensor, expert, pipeline)
     "dp2": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 2, 1), "pp2": (1, 1, 2), "tp2ep2": (2, 2, 1),
 }
 SIZES = {  # model / batch overrides of the tiny preset
-    "tiny": {"model": {}, "batch": 8, "prompt": (4, 9), "response": (4, 14), "micro": 2},
+    "tiny": {"model": {}, "batch": 8, "prompt": (4, 9), "response": (4, 14), "micro": 2, "lr": 1e-3},
     "gpu": {"model": {"hidden_size": 1024, "num_layers": 6, "num_attention_heads": 8, "ffn_hidden_size": 2816,
                       "moe_ffn_hidden_size": 704, "num_experts": 16, "moe_router_topk": 4, "vocab_size": 32768,
                       "max_position_embeddings": 1024, "qk_nope_head_dim": 64, "v_head_dim": 64},
-            "batch": 32, "prompt": (64, 192), "response": (128, 320), "micro": 4},
+            "batch": 32, "prompt": (64, 192), "response": (128, 320), "micro": 4, "lr": 1e-5},
 }
 
 
@@ -44,7 +44,7 @@ def make_cfg(size: str, layout: str = "dp2", gpu: bool = False):
     from cookbook.config import load_config
 
     cfg = load_config("tiny", values={"model": SIZES[size]["model"]}, overrides=[
-        "moe.router_enable_expert_bias=true", "moe.router_bias_update_rate=0.001", "grpo.lr=0.001",
+        "moe.router_enable_expert_bias=true", "moe.router_bias_update_rate=0.001", f"grpo.lr={SIZES[size]['lr']}",
         f"grpo.micro_batch_size={SIZES[size]['micro']}", "grpo.num_minibatches=2"])
     tp, ep, pp = LAYOUTS[layout]
     p = cfg.parallel
@@ -181,6 +181,14 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+def diff_stats(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """How far apart two log-prob tensors are: a single token whose MoE routing flips at a near tie shows
+    as one large difference among many tiny ones, a bug as many large ones."""
+    d = (a.double() - b.double()).abs().flatten()
+    return {"max": float(d.max()), "p999": float(torch.quantile(d, 0.999)), "mean": float(d.mean()),
+            "over_1e-3": int((d > 1e-3).sum()), "tokens": d.numel()}
+
+
 def compare(rec: dict, ref: dict) -> dict:
     """Largest differences against the reference: log-probs before each step and after the last, losses,
     grad norms (relative), first gradients (per tensor, relative to its largest element)."""
@@ -194,6 +202,8 @@ def compare(rec: dict, ref: dict) -> dict:
         "grad_norm_rel": max(abs(a - b) / b for a, b in zip(rec["grad_norm"], ref["grad_norm"])),
         "grad_rel_max": max(grads.values()), "grad_worst": max(grads, key=grads.get),
         "grad_tensors": len(grads), "grad_tensors_missing": missing,
+        "logp_before_stats": diff_stats(rec["logp"][0], ref["logp"][0]),
+        "logp_after_stats": diff_stats(rec["logp"][-1], ref["logp"][-1]),
         "loss_ref": ref["loss"], "grad_norm_ref": ref["grad_norm"],
     }
 
@@ -338,7 +348,9 @@ def layouts(args) -> dict:
             ref_hf = dict(megatron_to_hf_tensors(ref["weights"].items()))
             res["weights_vs_reference_max"] = max(max_abs(weights[k], ref_hf[k]) for k in ref_hf)
             device = torch.device("cuda", torch.cuda.current_device()) if args.gpu else torch.device("cpu")
-            res["hf_sync_logp_max"] = max_abs(hf_logprobs(out / "hf", weights, batch, device, out / "synced"), rec["logp"][-1])
+            hf = hf_logprobs(out / "hf", weights, batch, device, out / "synced")
+            res["hf_sync_logp_max"] = max_abs(hf, rec["logp"][-1])
+            res["hf_sync_stats"] = diff_stats(hf, rec["logp"][-1])
             res["step_s"], res["peak_gib_per_rank"] = rec["step_s"], peaks
             res["tokens_per_step"] = int((batch.input_ids != 0).sum())
         if name == args.layouts.split(",")[-1]:
@@ -371,7 +383,7 @@ def verify(args) -> dict:
     logp = forward_logprobs(model, batch.input_ids, batch.position_ids, micro_batch_size=cfg.grpo.micro_batch_size)
     return {"mode": "verify", "layout": args.layout, "same_names": set(weights) == set(saved["weights"]),
             "weights_bit_exact": all(torch.equal(weights[k], saved["weights"][k]) for k in saved["weights"]),
-            "logp_max": max_abs(logp, saved["logp"])}
+            "logp_max": max_abs(logp, saved["logp"]), "logp_stats": diff_stats(logp, saved["logp"])}
 
 
 MODES = {"prepare": prepare, "convert-part": convert_part, "compare-ckpt": compare_checkpoints,
