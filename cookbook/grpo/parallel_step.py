@@ -73,7 +73,7 @@ def _microbatches(batch: TrainBatch, size: int, device: torch.device) -> list[di
         part = batch.rows(slice(start, start + size))
         out.append({f.name: getattr(part, f.name).to(device) for f in dataclasses.fields(part)
                     if getattr(part, f.name) is not None})
-    if P._ps().get_pipeline_model_parallel_world_size() > 1 and len(batch) % size:
+    if P.parallel_state().get_pipeline_model_parallel_world_size() > 1 and len(batch) % size:
         raise ValueError(f"pipeline parallelism needs equal micro-batches: {len(batch)} rows per data-parallel "
                          f"rank do not split into micro-batches of {size} (config key grpo.micro_batch_size)")
     return out
@@ -142,7 +142,7 @@ def _grpo_loss(g: GRPOConfig, normalizer: float, mb: dict, logits: torch.Tensor)
 
 def _reduce_metrics(store: list[dict], device: torch.device) -> dict[str, float]:
     """Sum the last stage's micro-batch results over DP; token-weighted means; on every stage."""
-    ps = P._ps()
+    ps = P.parallel_state()
     result: list[Optional[dict]] = [None]
     if store:
         keys = sorted(store[0]["metrics"])

@@ -24,15 +24,16 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
-def _ps():
-    from megatron.core import parallel_state
+def parallel_state():
+    """Megatron's ``parallel_state`` module (imported late: importing megatron.core takes seconds)."""
+    from megatron.core import parallel_state as ps
 
-    return parallel_state
+    return ps
 
 
 def layout() -> dict[str, int]:
     """The sizes and this rank's coordinates of the current Megatron layout (for logs and checks)."""
-    ps = _ps()
+    ps = parallel_state()
     return {
         "world": dist.get_world_size(), "rank": dist.get_rank(),
         "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -47,7 +48,7 @@ def layout() -> dict[str, int]:
 def data_parallel_rows(n: int) -> slice:
     """This data-parallel rank's contiguous rows of a global batch of ``n`` (equal shares: with experts
     spread over the DP ranks, every rank must run the same number of forward passes)."""
-    ps = _ps()
+    ps = parallel_state()
     dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if n % dp:
         raise ValueError(f"a batch of {n} sequences does not split evenly over {dp} data-parallel ranks; "
@@ -58,12 +59,12 @@ def data_parallel_rows(n: int) -> slice:
 
 def sequence_multiple() -> int:
     """Sequence lengths must be a multiple of this (sequence parallelism splits tokens over TP)."""
-    return _ps().get_tensor_model_parallel_world_size()
+    return parallel_state().get_tensor_model_parallel_world_size()
 
 
 def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-sized row blocks of every data-parallel rank, in rank order."""
-    group = _ps().get_data_parallel_group()
+    group = parallel_state().get_data_parallel_group()
     if group.size() == 1:
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(group.size())]
@@ -74,7 +75,7 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
                               device: torch.device) -> torch.Tensor:
     """A tensor computed on the last pipeline stage, on every stage of this pipeline."""
-    ps = _ps()
+    ps = parallel_state()
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if tensor is None:
@@ -100,7 +101,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, tempera
         raise ValueError(f"temperature {temperature}: must be > 0 (config key grpo.temperature)")
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on [B, T]")
-    group = _ps().get_tensor_model_parallel_group()
+    group = parallel_state().get_tensor_model_parallel_group()
     # the cross entropy works in place on its input: give it a tensor of its own
     logp = -vocab_parallel_cross_entropy(logits.float() / temperature, targets)
     scaled = logits.float() / temperature
@@ -146,7 +147,7 @@ def finish_grad_sync(model: torch.nn.Module) -> None:
     each rank saw its own sequence shard), over DP for dense parameters, over expert-DP for routed
     experts. (What Megatron's DDP and ``finalize_model_grads`` do, for plain torch optimizers.)
     """
-    ps = _ps()
+    ps = parallel_state()
     if model.config.sequence_parallel:
         _all_reduce_coalesced([p.grad for _, p in _params(model) if getattr(p, "sequence_parallel", False)],
                               ps.get_tensor_model_parallel_group())
@@ -161,7 +162,7 @@ def grad_norm(model: torch.nn.Module) -> float:
     """The L2 norm of the whole model's gradient, each parameter counted once: TP-sharded weights by every
     shard, TP-replicated ones by TP rank 0, summed over the pipeline stages and expert-parallel ranks.
     Call after ``finish_grad_sync`` (replicas then hold equal gradients)."""
-    ps = _ps()
+    ps = parallel_state()
     tp_rank = ps.get_tensor_model_parallel_rank()
     etp_rank = ps.get_expert_tensor_parallel_rank()
     dense = torch.zeros((), dtype=torch.float64)
@@ -207,7 +208,7 @@ def _is_glu_fc1(name: str, model: torch.nn.Module) -> bool:
     return model.config.gated_linear_unit and name.endswith("linear_fc1.weight")
 
 
-def _join_shards(name: str, shards: list[torch.Tensor], dim: int, glu: bool) -> torch.Tensor:
+def _join_shards(shards: list[torch.Tensor], dim: int, glu: bool) -> torch.Tensor:
     if len(shards) == 1:
         return shards[0]
     if glu:  # each shard is [gate_r; up_r]: the full tensor is [gate_0 .. gate_n; up_0 .. up_n]
@@ -226,7 +227,7 @@ def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str
     hold. Everything travels through one ``all_gather_object``: fine for the presets trained here; the
     real-size models need a per-layer stream instead.
     """
-    ps = _ps()
+    ps = parallel_state()
     tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     dp_rank, edp_rank = ps.get_data_parallel_rank(with_context_parallel=True), ps.get_expert_data_parallel_rank()
     num_local_experts = model.config.num_moe_experts // ps.get_expert_model_parallel_world_size() \
@@ -264,7 +265,7 @@ def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str
         ordered = [shards[r] for r in sorted(shards)]
         if sorted(shards) != list(range(len(shards))):
             raise RuntimeError(f"'{name}': shards {sorted(shards)} gathered; a rank's piece is missing")
-        full[name] = _join_shards(name, [s[2] for s in ordered], ordered[0][0], ordered[0][1])
+        full[name] = _join_shards([s[2] for s in ordered], ordered[0][0], ordered[0][1])
     return dict(sorted(full.items(), key=lambda kv: _sort_key(kv[0])))
 
 

@@ -262,8 +262,8 @@ def prepare(args) -> dict:
 
     torch.set_num_threads(args.threads)
     out, cfg = Path(args.out), single_cfg(args)
-    hf = write_random_hf_checkpoint(cfg.model, out / "hf", max_shard_bytes=1 << 20 if args.size == "tiny" else 256 << 20,
-                                    seed=3)
+    shard_bytes = 1 << 20 if args.size == "tiny" else 256 << 20  # several shards either way
+    hf = write_random_hf_checkpoint(cfg.model, out / "hf", max_shard_bytes=shard_bytes, seed=3)
     t0 = time.perf_counter()
     convert(cfg, "hf_to_mcore", hf, out / "mcore", part=(0, 1), progress=False)
     return {"mode": "prepare", "convert_s": time.perf_counter() - t0,
