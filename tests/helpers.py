@@ -1,6 +1,7 @@
 """Shared test fixtures' makers: a random-weight tiny DeepSeek-V3 HF directory with a real tokenizer."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -29,3 +30,10 @@ def make_random_tiny_hf(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1, for a multi-process test's MASTER_PORT."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

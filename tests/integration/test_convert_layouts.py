@@ -1,6 +1,5 @@
 """A checkpoint converted by one process loads under expert parallelism (2 gloo processes) and gives the HF
-model's logits. TP=2 is not covered: Megatron-Core's torch norm refuses sequence parallelism on CPU (see
-the issue note)."""
+model's logits (TP=2, PP=2 and the reverse direction: tests/integration/test_parallel_layouts.py)."""
 import json
 import os
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_random_tiny_hf
+from helpers import free_port, make_random_tiny_hf
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("layout_probe.py")
@@ -28,7 +27,7 @@ def test_one_process_checkpoint_loads_under_expert_parallel_2(tmp_path):
     hf = make_random_tiny_hf(tmp_path / "hf")
     ckpt = tmp_path / "mcore"
     _convert(hf, ckpt)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29561", WORLD_SIZE="2",
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                PYTHONPATH=str(Path(__file__).parent.parent))
     procs = [subprocess.Popen([sys.executable, str(PROBE), str(hf), str(ckpt), "1", "2"],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,24 +14,19 @@ Tolerances (fp32 throughout; measured values in BENCHMARKS.md, "Multi-GPU layout
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("parallel_probe.py")
 ROOT = Path(__file__).parents[2]
 LAYOUTS = ("tp2", "ep2", "pp2", "tp2ep2")
 FORWARD_TOL, GRAD_TOL, AFTER_STEPS_TOL, SYNC_TOL = 1e-5, 1e-4, 1e-4, 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _result(stdout: str) -> dict:
@@ -43,7 +38,7 @@ def _probe(*args: str, world: int = 1, extra_env: dict | None = None) -> dict:
     """Run the probe as ``world`` processes of one job (or one plain process); rank 0's result."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", **(extra_env or {}))
     if world > 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
     procs = [subprocess.Popen([sys.executable, str(PROBE), *args], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     outs = [p.communicate(timeout=900) for p in procs]
