@@ -4,7 +4,15 @@ Steps: generate MATH-schema problems, train a BPE tokenizer on them, build a
 ``DeepseekV3ForCausalLM`` from the preset (kv_lora_rank 512 + rope 64 as vLLM's CPU MLA requires;
 sigmoid noaux_tc router with ``e_score_correction_bias``; a shared expert; the first layer dense), and
 warm it up with supervised learning on worked solutions so that it answers in ``\\boxed{}`` and gets
-some right. The result is an ordinary HF directory, the same kind a user downloads for Moonlight,
+some right.
+
+The warm-up demonstrations carry a bad habit, as a base model carries the habits of its web text: in
+``WARMUP_OFF_BY_ONE`` of them the worked chain is right but the boxed answer's last digit is one too high.
+The warmed-up policy therefore boxes the wrong number more often than the right one, while sampling the
+right one often enough to be rewarded: the situation in which reinforcement learning with a verifiable
+reward changes behaviour, and what the tiny GRPO run shows. Without such a habit, supervised learning on
+exactly the RL task's distribution leaves GRPO nothing to improve within minutes (learning rates 3e-5 to
+5e-4 and batches of 16 to 128 prompts were tried; the closing note of issue 4 has the numbers). The result is an ordinary HF directory, the same kind a user downloads for Moonlight,
 built once per machine and (seed, architecture, builder version), then reused from the cache
 (``~/.cache/grpo-cookbook`` or ``$COOKBOOK_CACHE``).
 """
@@ -13,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,11 +33,12 @@ from cookbook.atomic import atomic_dir
 from cookbook.config import ConfigError, CookbookConfig
 from cookbook.models.hf_config import check_hf_config, hf_config_dict, read_hf_config
 
-BUILDER_VERSION = 3  # bump when the recipe below changes: it invalidates cached builds
+BUILDER_VERSION = 4  # bump when the recipe below changes: it invalidates cached builds
 WARMUP_ROWS = 6000
 WARMUP_STEPS = 600
 WARMUP_BATCH = 64
 WARMUP_LR = 3e-3
+WARMUP_OFF_BY_ONE = 0.6  # share of warm-up demonstrations whose boxed answer ends one digit too high
 EVAL_ROWS = 200
 
 
@@ -51,13 +61,29 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
+def off_by_one_answer(solution: str) -> str:
+    """The solution with the last digit of its last ``\\boxed{...}`` answer raised by one (9 becomes 1, never
+    0, so the answer stays wrong after normalisation); unchanged when the answer has no digit."""
+    start = solution.rfind("\\boxed{")
+    if start < 0:
+        return solution
+    end = solution.find("}$", start)
+    digits = [i for i in range(start + 7, end if end > 0 else len(solution)) if solution[i].isdigit()]
+    if not digits:
+        return solution
+    i = digits[-1]
+    return solution[:i] + "123456789"[int(solution[i]) % 9] + solution[i + 1:]
+
+
 def _sft_batches(tokenizer, rows: list[dict], suffix: str, batch: int, steps: int, seed: int):
     """Right-padded (input_ids, labels) batches; labels are -100 on the prompt and padding."""
     g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
     examples = []
     for r in rows:
         prompt = _chat_ids(tokenizer, r["problem"] + suffix)
-        answer = tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        solution = off_by_one_answer(r["solution"]) if rng.random() < WARMUP_OFF_BY_ONE else r["solution"]
+        answer = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         examples.append((prompt, answer))
     for _ in range(steps):
         idx = torch.randint(len(examples), (batch,), generator=g).tolist()
@@ -134,6 +160,7 @@ def build_tiny_model(cfg: CookbookConfig, cache_dir: str | Path | None = None, f
 
     responses = greedy_answers(model, tokenizer, [r["problem"] + suffix for r in test_rows])
     report = {"params": params, "warmup_steps": WARMUP_STEPS, "warmup_batch": WARMUP_BATCH,
+              "off_by_one": WARMUP_OFF_BY_ONE,
               "final_loss": float(loss.detach()), "greedy_accuracy": _accuracy(responses, test_rows),
               "eval_rows": len(test_rows), "build_seconds": round(time.perf_counter() - t0, 1),
               "seed": cfg.seed, "builder_version": BUILDER_VERSION,

@@ -6,7 +6,7 @@ import transformers
 
 from cookbook.config import ConfigError, load_config
 from cookbook.models.hf_config import check_hf_config, hf_config_dict
-from cookbook.models.tiny import build_key, build_tiny_model, load_warmup_report, resolve_hf_dir
+from cookbook.models.tiny import build_key, build_tiny_model, load_warmup_report, off_by_one_answer, resolve_hf_dir
 from cookbook.models.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 SUFFIX = load_config("tiny").data.prompt_suffix
@@ -18,6 +18,21 @@ def tokenizer():
 
     rows = generate_rows(400, 0)
     return train_tokenizer([r["problem"] + SUFFIX for r in rows] + [r["solution"] for r in rows], 512)
+
+
+def test_the_warm_up_habit_keeps_the_chain_and_makes_the_answer_wrong():
+    from cookbook.data.generate import generate_rows
+    from cookbook.data.reward import compute_score, last_boxed
+
+    changed = 0
+    for row in generate_rows(300, 1):
+        habit = off_by_one_answer(row["solution"])
+        head = row["solution"][:row["solution"].rfind("\\boxed{")]
+        assert habit.startswith(head) and len(habit) == len(row["solution"])  # only the boxed answer changes
+        if habit != row["solution"]:
+            changed += 1
+            assert compute_score(habit, last_boxed(row["solution"])).score == 0.0, (row["solution"], habit)
+    assert changed > 250  # nearly every generated answer has a digit
 
 
 def test_tokenizer_round_trip_and_single_digit_tokens(tokenizer):
@@ -81,8 +96,9 @@ def test_the_warmed_up_model_answers_in_boxed_and_gets_some_right():
 
     hf_dir = resolve_hf_dir(load_config("tiny"))  # built once per machine, then cached
     report = load_warmup_report(hf_dir)
-    # the warm-up leaves room both ways for GRPO: builder v3 measured 0.47 on 200 generated test problems
-    assert 0.3 < report["greedy_accuracy"] < 0.8 and report["params"] < 5_000_000
+    # the warm-up's off-by-one habit (60% of demonstrations) makes most greedy answers wrong while some are
+    # right: builder v4 measured 0.115 on 200 generated test problems (0.47 without the habit)
+    assert 0.05 < report["greedy_accuracy"] < 0.3 and report["params"] < 5_000_000
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir)
     answers = greedy_answers(model, tok, [e["problem"] + SUFFIX for e in report["examples"]])
