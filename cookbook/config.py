@@ -188,10 +188,12 @@ _TINY: dict[str, Any] = {
               "ffn_hidden_size": 384},
     "moe": {"token_dispatcher_type": "allgather"},
     "data": {"source": "generated", "num_train": 4000, "num_test": 500, "max_test_examples": 500},
-    "grpo": {  # lr: 5e-5 learns too slowly for a 10-minute run, 2e-4 and above drift and lose accuracy
-        "steps": 60, "lr": 1e-4, "prompts_per_step": 16, "samples_per_prompt": 8, "num_minibatches": 2,
+    # lr 1e-4 for 20 steps: the gain comes in the first 10-20 steps; longer runs drift back (60 steps kept about
+    # two thirds of it), lr 2e-4 and above drift from the start (BENCHMARKS.md, "Tiny GRPO learning")
+    "grpo": {
+        "steps": 20, "lr": 1e-4, "prompts_per_step": 16, "samples_per_prompt": 8, "num_minibatches": 2,
         "micro_batch_size": 16, "max_prompt_length": 96, "max_response_length": 40,
-        "sequence_packing": False, "eval_every": 10, "save_every": 10,
+        "sequence_packing": False, "eval_every": 5, "save_every": 5,
     },
 }
 
