@@ -12,9 +12,11 @@ The warmed-up policy therefore boxes the wrong number more often than the right 
 right one often enough to be rewarded: the situation in which reinforcement learning with a verifiable
 reward changes behaviour, and what the tiny GRPO run shows. Without such a habit, supervised learning on
 exactly the RL task's distribution leaves GRPO nothing to improve within minutes (learning rates 3e-5 to
-5e-4 and batches of 16 to 128 prompts were tried; the closing note of issue 4 has the numbers). The result is an ordinary HF directory, the same kind a user downloads for Moonlight,
-built once per machine and (architecture, builder version), then reused from the cache
-(``~/.cache/grpo-cookbook`` or ``$COOKBOOK_CACHE``).
+5e-4 and batches of 16 to 128 prompts were tried: BENCHMARKS.md, "Tiny GRPO learning").
+
+The result is an ordinary HF directory, the same kind a user downloads for Moonlight, built once per machine
+and (architecture, builder version), then reused from the cache (``~/.cache/grpo-cookbook`` or
+``$COOKBOOK_CACHE``).
 """
 from __future__ import annotations
 
