@@ -6,11 +6,14 @@ Cases (bf16 inputs, fp32 loss math, median of triton.testing.do_bench):
   moonlight   fused linear: 16384 tokens, hidden 2048, vocab 163840 (targets: <= 60 ms, <= 2.5 GiB extra)
   logits      from logits already in memory: 16384 x 163840 bf16
   dsv3        fused linear: hidden 7168, vocab 129280, 4096 and 16384 tokens
+  liger       the Moonlight shape through Liger-Kernel's LigerFusedLinearGRPOLoss (when liger_kernel imports;
+              8 sequences x 2048 tokens, loss_type "dapo" = token mean, no KL), checked against ours
 Eager baseline: (h @ W.T).float(), log_softmax, gather, clipped-ratio loss, backward (the same loss settings:
 temperature 1, clip 0.2/0.2, clamp 10, cap 3, no KL). Before timing, the Triton kernels' launch settings and
 the token chunk are swept (kernel alone / whole call) and the best are used. Peak extra memory = peak
 allocated during one forward+backward minus what was allocated before it (inputs), gradients included.
-Imports only torch, triton and the standard library (plus this repository's kernels package).
+Imports only torch, triton and the standard library (plus this repository's kernels package, and
+liger_kernel when it is installed).
 """
 from __future__ import annotations
 
@@ -293,17 +296,95 @@ def check_addmm_fp32_out(results):
         results["addmm_out_dtype_fp32_rel_err"] = f"unsupported: {e}"[:200]
 
 
+def fp32_reference(hidden, weight, tok, norm, rows_per_chunk=2048):
+    """Loss, dH and dW of the same GRPO loss in fp32 autograd (the bf16 inputs upcast), chunked over tokens."""
+    wf = weight.float().requires_grad_()
+    dh = torch.empty(hidden.shape, device="cuda", dtype=torch.float32)
+    total = torch.zeros((), device="cuda", dtype=torch.float64)
+    for r0 in range(0, hidden.shape[0], rows_per_chunk):
+        part = {k: x[r0:r0 + rows_per_chunk] for k, x in tok.items()}
+        hc = hidden[r0:r0 + rows_per_chunk].float().requires_grad_()
+        loss, _ = eager_loss_from_logits(hc @ wf.t(), part, norm)
+        loss.backward()
+        dh[r0:r0 + rows_per_chunk] = hc.grad
+        total += loss.detach()
+    return total.float(), dh, wf.grad
+
+
+def liger_case(results, rows, b=8, t=2048, h=2048, v=163840, rep=600) -> None:
+    """The peer: Liger's fused linear GRPO loss at the Moonlight shape; both checked against fp32 autograd.
+
+    Liger has no log-ratio clamp or loss cap; on these inputs neither binds (the ratios are far below
+    e^10 and the per-token losses far below 3), so both compute the same token-mean clipped loss."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        import liger_kernel
+    except ImportError as e:
+        results["liger"] = f"not installed: skipped ({e})"
+        return
+    results["liger"] = getattr(liger_kernel, "__version__", "installed")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n = b * t
+    hidden = torch.randn(b, t, h, device="cuda", generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, device="cuda", generator=g) / math.sqrt(h) * 2).bfloat16().requires_grad_()
+    tok = make_tokens(n, v, g)
+    adv_seq = torch.randn(b, device="cuda", generator=g)
+    tok["adv"] = adv_seq.repeat_interleave(t)
+    norm = float(tok["mask"].sum())
+    peer = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=LOSS_KW["clip_low"],
+                                    epsilon_high=LOSS_KW["clip_high"], loss_type="dapo", temperature=1.0)
+
+    def liger():
+        out = peer(hidden, weight, tok["targets"].view(b, t), tok["mask"].view(b, t).long(), adv_seq,
+                   old_per_token_logps=tok["old"].view(b, t))
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return loss.detach()
+
+    def ours():
+        loss, _, _ = K.fused_linear_grpo_loss(hidden.view(n, h), weight, tok["targets"], tok["old"], tok["adv"],
+                                              tok["mask"], normalizer=norm, **LOSS_KW)
+        loss.backward()
+        return loss.detach()
+
+    ref = fp32_reference(hidden.detach().view(n, h), weight.detach(), tok, norm)
+    for label, fn in (("peer", liger), ("ours", ours)):
+        hidden.grad = weight.grad = None
+        loss = fn()
+        results[f"liger/{label}_rel_err_vs_fp32"] = dict(
+            loss=rel(loss.float().view(1), ref[0].view(1)), dh=rel(hidden.grad.view(n, h), ref[1]),
+            dw=rel(weight.grad, ref[2]))
+    del ref
+    for label, fn in (("Liger LigerFusedLinearGRPOLoss (compiled, default chunking)", liger), ("ours", ours)):
+        hidden.grad = weight.grad = None
+        mem = peak_extra(fn)
+        ms = bench(fn, (hidden, weight), rep)
+        rows.append(("liger", label, n, ms, mem))
+        results[f"liger/{'peer' if label != 'ours' else 'ours'}"] = dict(ms=ms, peak_extra_gib=mem)
+    results["liger/speedup_ours_vs_liger"] = results["liger/peer"]["ms"] / results["liger/ours"]["ms"]
+    hidden.grad = weight.grad = None
+    del hidden, weight
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="auto chunk only, no DeepSeek-V3 16k case")
     ap.add_argument("--no-sweep", action="store_true", help="keep the kernels' default launch settings")
+    ap.add_argument("--only-liger", action="store_true", help="only the Liger comparison")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     results = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   python=platform.python_version(), liger="not installed: skipped")
+                   python=platform.python_version())
     rows = []
+    liger_case(results, rows, rep=300 if args.quick else 600)
+    if args.only_liger:
+        print(json.dumps(results, default=str))
+        for case, impl, n, ms, mem in rows:
+            print(f"{case:<10} {impl:<72} {n:>6} {ms:>8.2f} {mem:>7.2f}")
+        return
     check_addmm_fp32_out(results)
     if args.no_sweep:  # the defaults in kernels/grpo_loss.py
         results["sweep"] = "skipped: module defaults"
@@ -321,7 +402,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_grpo_loss.json").write_text(json.dumps(dict(results, rows=rows), indent=1, default=str))
     print(json.dumps({k: v for k, v in results.items() if not k.startswith("sweep/")}, default=str))
-    print(f"\n{results['device']}  torch {results['torch']}  triton {results['triton']}  Liger: not installed")
+    print(f"\n{results['device']}  torch {results['torch']}  triton {results['triton']}  Liger: {results['liger']}")
     print(f"{'case':<10} {'implementation':<72} {'tokens':>6} {'ms':>8} {'GiB':>7}")
     for case, impl, n, ms, mem in rows:
         print(f"{case:<10} {impl:<72} {n:>6} {ms:>8.2f} {mem:>7.2f}")
