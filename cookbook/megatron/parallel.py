@@ -2,7 +2,8 @@
 
 ``PolicyTrainer`` (one process) uses plain torch: full logits, ``clip_grad_norm_``, ``state_dict()``.
 Under a parallel layout each of those changes meaning, and this module gives the version that is right
-for every layout, TP = EP = PP = 1 included, so one code path serves both:
+for every layout, TP = EP = PP = 1 included, so one code path can serve both (the trainer actor does not
+use it yet; README, "What does not run here"):
 
 - log-probs and entropy from vocab-parallel logits (each TP rank holds ``vocab / TP`` columns);
 - the data-parallel shard of a global batch (EP ranks are DP ranks for the dense layers);
