@@ -185,6 +185,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return LossOutput(loss, metrics, count)
 
 
+def loss_settings(g) -> dict:
+    """The loss keywords of ``policy_loss`` (and of the fused kernel, which takes the same) from a
+    ``GRPOConfig``, so every trainer path computes the loss the config asks for."""
+    return dict(clip_low=g.clip_low, clip_high=g.clip_high, logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap,
+                aggregation=g.loss_aggregation, kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
+                entropy_coef=g.entropy_coef)
+
+
 # -- rollout vs trainer -----------------------------------------------------------------------------
 def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
     """Truncated importance weights min(pi_trainer / pi_rollout, cap) per token, detached, 0 on padding.

@@ -80,16 +80,13 @@ def fused_policy_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_
     def flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.reshape(-1).to(hidden.device)
 
+    settings = A.loss_settings(g)
     loss, logp, entropy = fused_linear_grpo_loss(
         tokens.reshape(-1, tokens.shape[-1]), captured.weight, flat(input_ids[:, 1:]), flat(old_logp),
-        flat(per_token_adv), flat(mask), temperature=g.temperature, clip_low=g.clip_low, clip_high=g.clip_high,
-        logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap, normalizer=normalizer, ref_logp=flat(ref_logp),
-        kl_coef=g.kl_coef, kl_estimator=g.kl_estimator, is_weights=flat(is_weights), entropy_coef=g.entropy_coef)
+        flat(per_token_adv), flat(mask), temperature=g.temperature, normalizer=normalizer,
+        ref_logp=flat(ref_logp), is_weights=flat(is_weights), **settings)
     with torch.no_grad():  # the metrics of the unfused path, from the kernel's log-probs
         logp, entropy = logp.view_as(old_logp).to(old_logp.device), entropy.view_as(old_logp).to(old_logp.device)
-        metrics = A.policy_loss(
-            logp, old_logp, advantages, mask, clip_low=g.clip_low, clip_high=g.clip_high,
-            logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap, normalizer=normalizer, ref_logp=ref_logp,
-            kl_coef=g.kl_coef, kl_estimator=g.kl_estimator, is_weights=is_weights, entropy=entropy,
-            entropy_coef=g.entropy_coef)
+        metrics = A.policy_loss(logp, old_logp, advantages, mask, normalizer=normalizer, ref_logp=ref_logp,
+                                is_weights=is_weights, entropy=entropy, **settings)
     return A.LossOutput(loss, metrics.metrics, metrics.num_tokens)

@@ -130,12 +130,9 @@ def forward_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_i
 
 def _grpo_loss(g: GRPOConfig, normalizer: float, mb: dict, logits: torch.Tensor):
     logp, entropy = _score(mb, logits, g.temperature)
-    out = A.policy_loss(
-        logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=g.clip_low, clip_high=g.clip_high,
-        logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap, normalizer=normalizer,
-        aggregation=g.loss_aggregation, ref_logp=mb.get("ref_logp"), kl_coef=g.kl_coef,
-        kl_estimator=g.kl_estimator, is_weights=mb.get("is_weights"), entropy=entropy,
-        entropy_coef=g.entropy_coef)
+    out = A.policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], normalizer=normalizer,
+                        ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"), entropy=entropy,
+                        **A.loss_settings(g))
     tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=logits.device)
     return out.loss, tokens, {"loss": float(out.loss.detach()), "metrics": out.metrics, "num_tokens": out.num_tokens}
 

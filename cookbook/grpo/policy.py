@@ -120,12 +120,9 @@ class PolicyTrainer:
                                             ref_logp=ref_logp[idx], is_weights=weights)
                 else:
                     logp, entropy = self._token_logprobs(self.model, input_ids[idx], position_ids[idx], grad=True)
-                    out = A.policy_loss(
-                        logp, old_logp[idx], advantages[idx], mask[idx], clip_low=g.clip_low,
-                        clip_high=g.clip_high, logratio_clamp=g.logratio_clamp, loss_cap=g.loss_cap,
-                        normalizer=normalizer, aggregation=g.loss_aggregation, ref_logp=ref_logp[idx],
-                        kl_coef=g.kl_coef, kl_estimator=g.kl_estimator, is_weights=weights, entropy=entropy,
-                        entropy_coef=g.entropy_coef)
+                    out = A.policy_loss(logp, old_logp[idx], advantages[idx], mask[idx], normalizer=normalizer,
+                                        ref_logp=ref_logp[idx], is_weights=weights, entropy=entropy,
+                                        **A.loss_settings(g))
                 out.loss.backward()
                 for k, v in out.metrics.items():
                     token_sums[k] = token_sums.get(k, 0.0) + float(v) * out.num_tokens
