@@ -61,7 +61,6 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     params_dtype: str = "float32"  # training parameter dtype: float32 | bfloat16
-    fp8_checkpoint: bool = False  # the HF checkpoint is fp8 e4m3 block-quantized (DeepSeek-V3) and needs a cast
 
 
 @dataclass
@@ -90,6 +89,7 @@ class ParallelConfig:
     expert_tensor: int = 1
     sequence_parallel: bool = False
     first_pipeline_stage_layers: Optional[int] = None  # uneven PP split, e.g. 14 of Moonlight's 27
+    last_pipeline_stage_layers: Optional[int] = None  # e.g. 2 of DeepSeek-V3's 61 (3 + 14 x 4 + 2)
     recompute: str = "none"  # none | selective | full
     rollout_tensor: int = 1
     rollout_gpu_memory_utilization: float = 0.75
@@ -121,8 +121,7 @@ class GRPOConfig:
     micro_batch_size: int = 1
     max_prompt_length: int = 1024
     max_response_length: int = 2048
-    sequence_packing: bool = True
-    packing_max_tokens: int = 4096
+    sequence_packing: bool = False  # refused until the trainer packs sequences (the Moonlight reference: on)
     clip_low: float = 0.2
     clip_high: float = 0.2
     logratio_clamp: float = 10.0
@@ -135,6 +134,7 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     importance_correction: str = "none"  # none | tis (truncated importance sampling, rollout vs trainer)
     importance_cap: float = 2.0
+    reward_mode: str = "math_verify"  # math_verify: Hendrycks string match, then math-verify | strict: the reference's
     mismatch_threshold: float = 0.5  # |logp_train - logp_rollout| above which a token counts as mismatched
     temperature: float = 1.0
     top_p: float = 1.0
@@ -193,7 +193,7 @@ _TINY: dict[str, Any] = {
     "grpo": {
         "steps": 20, "lr": 1e-4, "prompts_per_step": 16, "samples_per_prompt": 8, "num_minibatches": 2,
         "micro_batch_size": 16, "max_prompt_length": 96, "max_response_length": 40,
-        "sequence_packing": False, "eval_every": 5, "save_every": 5,
+        "eval_every": 5, "save_every": 5,
     },
 }
 
@@ -208,7 +208,8 @@ _MOONLIGHT: dict[str, Any] = {
         "rms_norm_eps": 1e-5, "params_dtype": "bfloat16",
     },
     "parallel": {
-        "num_nodes": 1, "gpus_per_node": 8, "tensor": 2, "pipeline": 2, "context": 2, "expert": 2,
+        # the reference uses context 2; refused until the MLA core attention has context parallelism
+        "num_nodes": 1, "gpus_per_node": 8, "tensor": 2, "pipeline": 2, "context": 1, "expert": 2,
         "expert_tensor": 2, "sequence_parallel": True, "first_pipeline_stage_layers": 14,
         "recompute": "selective", "rollout_tensor": 2, "rollout_gpu_memory_utilization": 0.75,
     },
@@ -216,7 +217,8 @@ _MOONLIGHT: dict[str, Any] = {
     "grpo": {
         "steps": 200, "lr": 2e-6, "prompts_per_step": 64, "samples_per_prompt": 32,
         "max_prompt_length": 1024, "max_response_length": 2048, "micro_batch_size": 1,
-        "sequence_packing": True, "packing_max_tokens": 4096, "eval_every": 1, "save_every": 20,
+        # the reference packs sequences into 4096-token rows; refused until the trainer packs
+        "sequence_packing": False, "eval_every": 1, "save_every": 20,
     },
 }
 
@@ -229,13 +231,13 @@ _DEEPSEEK_V3: dict[str, Any] = {
         "v_head_dim": 128, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
         "rope_theta": 10000.0, "rope_scaling_factor": 40.0, "original_max_position_embeddings": 4096,
         "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "params_dtype": "bfloat16",
-        "fp8_checkpoint": True,
     },
     # Router in fp32 only without rope scaling (recipe-facts.md); DeepSeek-V3 uses YaRN.
     "moe": {"router_dtype": "none"},
     "parallel": {
         "num_nodes": 16, "gpus_per_node": 8, "tensor": 4, "pipeline": 16, "context": 1, "expert": 2,
-        "first_pipeline_stage_layers": 1,  # 61 = 1 + 15 x 4 (our choice; the reference does not say)
+        # 61 = 3 + 14 x 4 + 2, the reference script's decoder_first/last_pipeline_num_layers
+        "first_pipeline_stage_layers": 3, "last_pipeline_stage_layers": 2,
         "expert_tensor": 4, "sequence_parallel": True, "recompute": "full", "rollout_tensor": 32,
         "rollout_gpu_memory_utilization": 0.6,
     },
@@ -243,7 +245,7 @@ _DEEPSEEK_V3: dict[str, Any] = {
     "grpo": {
         "steps": 200, "lr": 7e-7, "prompts_per_step": 8, "samples_per_prompt": 32,
         "max_prompt_length": 768, "max_response_length": 2048, "micro_batch_size": 1,
-        "sequence_packing": False, "eval_every": 5, "save_every": 20,
+        "eval_every": 5, "save_every": 20,
     },
 }
 
@@ -267,6 +269,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "grpo.advantage": ("grpo", "drgrpo"),
     "grpo.kl_estimator": ("k1", "k2", "k3"),
     "grpo.importance_correction": ("none", "tis"),
+    "grpo.reward_mode": ("math_verify", "strict"),
     "logging.wandb_mode": ("auto", "offline", "online", "disabled"),
 }
 
@@ -499,17 +502,48 @@ def _validate_layout(cfg: CookbookConfig) -> None:
     if p.tensor > 1 and not p.sequence_parallel:
         raise ConfigError(
             f"parallel.tensor={p.tensor} with MoE requires parallel.sequence_parallel=true (Megatron-Core)")
-    if p.first_pipeline_stage_layers is not None:
-        first = p.first_pipeline_stage_layers
-        rest = m.num_layers - first
-        if p.pipeline < 2 or not (0 < first < m.num_layers) or rest % (p.pipeline - 1):
-            raise ConfigError(
-                f"parallel.first_pipeline_stage_layers={first} must leave model.num_layers - first = {rest} "
-                f"layers divisible over the other {p.pipeline - 1} pipeline stages")
-    elif m.num_layers % p.pipeline:
+    _validate_pipeline_split(m, p)
+    # Settings the engine does not honour yet are refused, never silently ignored.
+    if p.context > 1:
         raise ConfigError(
-            f"parallel.pipeline={p.pipeline} does not divide model.num_layers ({m.num_layers}); "
-            "set parallel.first_pipeline_stage_layers for an uneven split")
+            f"parallel.context={p.context} is not supported yet: Megatron-Core's context parallelism needs Transformer "
+            "Engine's attention, and the project's MLA core attention does not split sequences yet; set "
+            "parallel.context=1 (the Moonlight reference's CP=2 gives the same results as CP=1, only faster)")
+    if cfg.grpo.sequence_packing:
+        raise ConfigError(
+            "grpo.sequence_packing=true is not supported yet: the trainer pads each sample to the longest in its "
+            "micro-batch; set grpo.sequence_packing=false (packing changes speed, not results)")
+
+
+def pipeline_stage_layers(num_layers: int, pipeline: int, first: Optional[int], last: Optional[int]) -> list[int]:
+    """Decoder layers on each pipeline stage: ``first`` and ``last`` where set, the rest split evenly.
+    Raises ValueError when the split is impossible (the caller names the keys)."""
+    ends = (first is not None) + (last is not None)
+    middle_stages = pipeline - ends
+    rest = num_layers - (first or 0) - (last or 0)
+    if ends and pipeline < 2:
+        raise ValueError("an uneven split needs parallel.pipeline >= 2")
+    if any(v is not None and v < 1 for v in (first, last)):
+        raise ValueError("every stage needs at least one layer")
+    if middle_stages == 0:
+        if rest:
+            raise ValueError(f"first + last = {(first or 0) + (last or 0)} layers, but the model has {num_layers}")
+        return [first, last]
+    if rest < middle_stages or rest % middle_stages:
+        raise ValueError(f"the other {rest} layers do not split evenly over the other {middle_stages} stages")
+    per = rest // middle_stages
+    return ([first] if first is not None else []) + [per] * middle_stages + ([last] if last is not None else [])
+
+
+def _validate_pipeline_split(m: ModelConfig, p: ParallelConfig) -> None:
+    try:
+        pipeline_stage_layers(m.num_layers, p.pipeline, p.first_pipeline_stage_layers, p.last_pipeline_stage_layers)
+    except ValueError as e:
+        raise ConfigError(
+            f"parallel.pipeline={p.pipeline}, parallel.first_pipeline_stage_layers={p.first_pipeline_stage_layers}, "
+            f"parallel.last_pipeline_stage_layers={p.last_pipeline_stage_layers} for model.num_layers={m.num_layers}: "
+            f"{e}; set the first/last stage sizes so that the rest divides evenly (DeepSeek-V3: 61 = 3 + 14 x 4 + 2)"
+        ) from None
 
 
 def to_yaml(cfg: CookbookConfig) -> str:

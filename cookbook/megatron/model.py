@@ -85,7 +85,9 @@ def transformer_config(cfg: CookbookConfig):
         recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     pipeline = {}
     if p.first_pipeline_stage_layers is not None:
-        pipeline = {"num_layers_in_first_pipeline_stage": p.first_pipeline_stage_layers}
+        pipeline["num_layers_in_first_pipeline_stage"] = p.first_pipeline_stage_layers
+    if p.last_pipeline_stage_layers is not None:
+        pipeline["num_layers_in_last_pipeline_stage"] = p.last_pipeline_stage_layers
     dtype = DTYPES[m.params_dtype]
     return MLATransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,

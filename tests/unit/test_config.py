@@ -2,7 +2,7 @@
 import pytest
 
 from cookbook.config import (PRESETS, ConfigError, load_config, load_saved_config, parse_overrides,
-                             preset_config, save_config)
+                             pipeline_stage_layers, preset_config, save_config)
 
 
 def test_presets_carry_the_reference_numbers():
@@ -11,7 +11,8 @@ def test_presets_carry_the_reference_numbers():
     assert (moon.model.moe_router_topk, moon.model.num_shared_experts, moon.model.vocab_size) == (6, 2, 163840)
     assert moon.model.q_lora_rank is None and moon.model.routed_scaling_factor == pytest.approx(2.446)
     assert (moon.grpo.lr, moon.grpo.prompts_per_step, moon.grpo.samples_per_prompt) == (2e-6, 64, 32)
-    assert (moon.parallel.tensor, moon.parallel.pipeline, moon.parallel.context, moon.parallel.expert) == (2, 2, 2, 2)
+    # the reference's CP=2 and sequence packing are refused until implemented (test_unsupported_settings_are_refused)
+    assert (moon.parallel.tensor, moon.parallel.pipeline, moon.parallel.context, moon.parallel.expert) == (2, 2, 1, 2)
 
     ds = load_config("deepseek-v3-671b")
     assert (ds.model.num_layers, ds.model.hidden_size, ds.model.num_experts, ds.model.first_k_dense_replace) == (
@@ -19,6 +20,9 @@ def test_presets_carry_the_reference_numbers():
     assert (ds.model.q_lora_rank, ds.model.n_group, ds.model.topk_group, ds.model.rope_scaling_factor) == (
         1536, 8, 4, 40.0)
     assert ds.world_size >= 128 and ds.grpo.lr == 7e-7 and ds.grpo.prompts_per_step * ds.grpo.samples_per_prompt == 256
+    # the reference script's decoder_first/last_pipeline_num_layers: 61 = 3 + 14 x 4 + 2
+    assert (ds.parallel.first_pipeline_stage_layers, ds.parallel.last_pipeline_stage_layers) == (3, 2)
+    assert pipeline_stage_layers(61, 16, 3, 2) == [3] + [4] * 14 + [2]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -69,6 +73,36 @@ def test_parallel_layout_must_fit_the_gpus():
         load_config("moonlight-16b-a3b", ["parallel.expert=3"])
     with pytest.raises(ConfigError, match="first_pipeline_stage_layers"):
         load_config("moonlight-16b-a3b", ["parallel.first_pipeline_stage_layers=27"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.last_pipeline_stage_layers=3"], "the other 55 layers do not split evenly over the other 14 stages"),
+    (["parallel.first_pipeline_stage_layers=2", "parallel.last_pipeline_stage_layers=null"],
+     "the other 59 layers do not split evenly over the other 15 stages"),
+    (["parallel.last_pipeline_stage_layers=0"], "at least one layer"),
+])
+def test_deepseek_pipeline_split_is_checked(overrides, message):
+    with pytest.raises(ConfigError, match="parallel.last_pipeline_stage_layers=.*" + message):
+        load_config("deepseek-v3-671b", overrides)
+
+
+def test_pipeline_split_of_two_stages_and_of_one():
+    assert pipeline_stage_layers(27, 2, 14, None) == [14, 13]
+    assert pipeline_stage_layers(27, 2, 14, 13) == [14, 13]
+    assert pipeline_stage_layers(4, 1, None, None) == [4]
+    with pytest.raises(ValueError, match="pipeline >= 2"):
+        pipeline_stage_layers(4, 1, 2, None)
+    with pytest.raises(ValueError, match="first \\+ last = 26"):
+        pipeline_stage_layers(27, 2, 14, 12)
+
+
+@pytest.mark.parametrize("preset, override, key", [
+    ("moonlight-16b-a3b", "parallel.context=2", "parallel.context=2 is not supported yet"),
+    ("tiny", "grpo.sequence_packing=true", "grpo.sequence_packing=true is not supported yet"),
+])
+def test_unsupported_settings_are_refused(preset, override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(preset, [override])
 
 
 def test_unknown_preset_suggests_the_closest():
