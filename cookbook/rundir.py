@@ -10,6 +10,7 @@ Layout (each part written by the step that owns it)::
     runs/<run>/metrics.jsonl        one JSON line per training step
     runs/<run>/checkpoints/         resumable checkpoints
     runs/<run>/plots/               figures people compare
+    runs/<run>/logs/                what the libraries printed (Megatron-Core, vLLM, Ray), one file per process
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cookbook.config import CookbookConfig, load_config, nest_dotted, save_config
+from cookbook.logs import quiet_libraries
 
 
 def open_run(
@@ -44,6 +46,7 @@ def open_run(
     cfg = load_config(preset, overrides=list(overrides), values=merged)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg)
+    quiet_libraries(cfg.run_dir)
     return cfg
 
 

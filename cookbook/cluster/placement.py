@@ -7,6 +7,7 @@ each with one CPU: the same code path, two processes.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -51,11 +52,13 @@ def init_ray(cfg: CookbookConfig, address: Optional[str] = None) -> Any:
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    # The actors write their own logs into the run folder (cookbook.logs); Ray only reports warnings here.
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, **quiet)
     else:
         cpus = max(2, os.cpu_count() or 2) if cfg.parallel.gpus_per_node == 0 else None
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **quiet,
                  object_store_memory=512 * 2**20 if cfg.parallel.gpus_per_node == 0 else None)
     return ray
 

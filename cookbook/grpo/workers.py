@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cookbook.cluster.placement import actor_options, create_placement_group, init_ray, plan_placement
@@ -44,7 +45,23 @@ def start_workers(cfg: CookbookConfig) -> Workers:
     hf_dir = str(resolve_hf_dir(cfg))
     plan = plan_placement(cfg)
     pg = create_placement_group(plan)
-    trainer = ray.remote(PolicyTrainer).options(**actor_options(plan, pg, "trainer", 0)).remote(cfg, hf_dir)
-    rollout = ray.remote(RolloutWorker).options(**actor_options(plan, pg, "rollout", 0)).remote(hf_dir, cfg)
+    trainer = ray.remote(logged(PolicyTrainer, cfg.run_dir, "trainer")).options(
+        **actor_options(plan, pg, "trainer", 0)).remote(cfg, hf_dir)
+    rollout = ray.remote(logged(RolloutWorker, cfg.run_dir, "rollout")).options(
+        **actor_options(plan, pg, "rollout", 0)).remote(hf_dir, cfg)
     ray.get([trainer.ready.remote(), rollout.ready.remote()])
     return Workers(trainer, rollout, pg)
+
+
+def logged(cls: type, run_dir: Path, name: str) -> type:
+    """``cls`` for a Ray actor whose process output goes to ``<run>/logs/<name>.log`` from its first line."""
+
+    class Logged(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            from cookbook.logs import redirect_process_output
+
+            redirect_process_output(run_dir, name)
+            super().__init__(*args, **kwargs)
+
+    Logged.__name__ = Logged.__qualname__ = cls.__name__
+    return Logged

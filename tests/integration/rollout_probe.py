@@ -31,12 +31,27 @@ def main(hf_dir: str, perturbed_dir: str) -> None:
     prompt = worker.encode([{"role": "user", "content": "What is 3 + 4? Let's think step by step."}])
     batch = [prompt + [300, 301, 302, 17, 25, 40, 41], prompt[:9]]
     result = {**worker.ready(), "vllm_default": vllm_default_on_this_cpu()}
+    base = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    perturbed = load_file(f"{perturbed_dir}/model.safetensors")
     for label, d in (("before", hf_dir), ("after", perturbed_dir)):
         if label == "after":
-            result["sync"] = worker.update_weights(load_file(f"{perturbed_dir}/model.safetensors"))
+            result["sync"] = worker.update_weights(perturbed)
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         got = worker.prompt_logprobs(batch)
         result[label] = max(float((torch.tensor(g) - hf_logprobs(hf, ids)).abs().max()) for g, ids in zip(got, batch))
+        # decode runs MLA's absorbed W_UK_T / W_UV (prefill does not): they must follow the new kv_b_proj
+        sample = worker.generate([prompt], n=1, temperature=0.0, max_tokens=8, seed=0)[0]
+        ids = prompt + sample.response_ids
+        result[f"decode_{label}"] = float((torch.tensor(sample.logprobs) - hf_logprobs(hf, ids)[len(prompt) - 1:]
+                                           ).abs().max())
+        result[f"decode_{label}_vs_base"] = float((torch.tensor(sample.logprobs) - hf_logprobs(base, ids)[
+            len(prompt) - 1:]).abs().max())
+    missing = "model.layers.1.self_attn.o_proj.weight"
+    try:
+        worker.update_weights({k: v for k, v in perturbed.items() if k != missing})
+        result["incomplete_sync"] = "accepted"
+    except Exception as e:  # noqa: BLE001 - the probe reports what happened
+        result["incomplete_sync"] = str(e)
     worker.shutdown()
     print("RESULT " + json.dumps(result))
 

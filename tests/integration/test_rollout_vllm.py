@@ -45,6 +45,12 @@ def test_with_both_fixes_vllm_matches_hf_before_and_after_a_weight_push(dirs):
     r = probe(dirs, "all")
     assert r["fixes"] == ["rope"]
     assert r["attention"] == [["CPU_MLA", "CPU_SDPA_MLA"]], r  # what every MLA layer of the engine runs
+    # vLLM warns after each sync that W_UV / W_UK_T "were not loaded": harmless, decode (which uses them)
+    # follows the new weights, and not the old ones
+    assert r["decode_before"] < FP32_TOL and r["decode_after"] < FP32_TOL, r
+    assert r["decode_after_vs_base"] > 100 * FP32_TOL, r
+    # a sync that leaves a real weight out is refused, naming it
+    assert "model.layers.1.self_attn.o_proj.weight" in r["incomplete_sync"], r
     assert r["before"] < FP32_TOL and r["after"] < FP32_TOL, r
     assert r["sync"]["bytes"] > 1e6 and r["sync"]["seconds"] > 0
 
