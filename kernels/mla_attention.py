@@ -5,7 +5,8 @@ token axis, ``softmax(q k^T * softmax_scale + causal mask) v`` with
 
 * q, k: ``[total_tokens, heads, dk]``; MLA's dk = qk_nope + qk_rope = 128 + 64 = 192 in the real models;
 * v: ``[total_tokens, heads, dv]``; dv = 128 in the real models (dv != dk, which most flash kernels refuse);
-* cu_seqlens: int32 ``[num_seqs + 1]``, the segment borders; max_seqlen: the longest segment (an int);
+* cu_seqlens: int32 ``[num_seqs + 1]``, the segment borders; max_seqlen: the longest segment (an int, or None to
+  compute it from cu_seqlens; a given value is checked against cu_seqlens, see ``mla_attention``);
 * result: ``[total_tokens, heads, dv]`` in q's dtype; grads for q, k and v through autograd.
 
 Flash-attention style (FA2): the forward keeps an online softmax in fp32 and stores one log-sum-exp per row
@@ -22,6 +23,12 @@ H100 (BENCHMARKS.md, MLA causal attention: forward 1.50-1.55 ms, forward+backwar
 TMA descriptors (``*_tma``), lazy rescaling (``fwd_lazy``), a software-pipelined forward (``fwd_pipeline``),
 atomic dQ (``dq_atomic``).
 
+Launch settings: ``config=None`` (the default) takes ``launch_config(dtype, device)``: ``DEFAULT_CONFIG`` where it
+fits the device's shared memory (bf16/fp16 on an H100/H200), else, kernel by kernel, the first smaller candidate
+whose estimated shared memory (``shared_memory_estimate``) fits (fp32: the default needs 295424 bytes in the
+forward, the H100/H200 allow 232448); a launch that still runs out of resources falls back once more (see
+``launch_config``). An explicit ``config`` is used as given.
+
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them too under ``TRITON_INTERPRET=1`` (set
 before triton is imported; fp32 only, as the interpreter has no real bf16 arithmetic), and otherwise fall back to
 the torch reference ``kernels.mla_attention_reference`` (computed in fp32).
@@ -29,14 +36,20 @@ the torch reference ``kernels.mla_attention_reference`` (computed in fp32).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Optional, Tuple
+import threading
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.mla_attention_reference import mla_attention_reference
+
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # older layouts
+    from triton.runtime.autotuner import OutOfResources
 
 _LOG2E = 1.4426950408889634
 
@@ -81,6 +94,213 @@ LAST_LAUNCHED: dict = {}
 # Small blocks for the interpreter (CPU tests): more, cheaper programs, and the mask paths get exercised.
 INTERPRET_CONFIG = MLAConfig(BLOCK_M=32, BLOCK_N=16, BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16,
                              fwd_warps=4, dkdv_warps=4, dq_warps=4, fwd_stages=1, dkdv_stages=1, dq_stages=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch settings from the dtype and the device's shared memory
+# ----------------------------------------------------------------------------------------------------------------
+class SharedMemoryLimitError(RuntimeError):
+    """No launch candidate of a kernel fits the device's shared memory."""
+
+
+# Each kernel's MLAConfig fields, and its candidates in order of preference (the first is DEFAULT_CONFIG's): fewer
+# pipeline stages first (same tiles), then smaller streamed blocks, then smaller resident blocks. Every entry keeps
+# the divisibility MLAConfig.check asks for.
+KERNEL_FIELDS: Dict[str, Tuple[str, str, str, str]] = {
+    "fwd": ("BLOCK_M", "BLOCK_N", "fwd_warps", "fwd_stages"),
+    "dkdv": ("BLOCK_M1", "BLOCK_N1", "dkdv_warps", "dkdv_stages"),
+    "dq": ("BLOCK_M2", "BLOCK_N2", "dq_warps", "dq_stages"),
+}
+_FWD_LIKE = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1),
+             (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+CANDIDATES: Dict[str, Tuple[Tuple[int, int, int, int], ...]] = {
+    "fwd": _FWD_LIKE,  # (BLOCK_M, BLOCK_N, warps, stages)
+    "dkdv": ((32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)),
+    "dq": _FWD_LIKE,  # (BLOCK_M2, BLOCK_N2, warps, stages)
+}
+_SMEM_SLACK = 1024  # per-row vectors (lse, delta, running max) and alignment: measured 0 to 1024 bytes
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _kernel_params(kernel: str, config: MLAConfig) -> Tuple[int, int, int, int]:
+    return tuple(getattr(config, name) for name in KERNEL_FIELDS[kernel])
+
+
+def _with_params(config: MLAConfig, kernel: str, params: Tuple[int, int, int, int]) -> MLAConfig:
+    return replace(config, **dict(zip(KERNEL_FIELDS[kernel], params)))
+
+
+def shared_memory_estimate(kernel: str, config: MLAConfig, dtype: torch.dtype, dk: int = 192, dv: int = 128) -> int:
+    """Estimated shared memory (bytes) of one program of ``kernel`` ("fwd", "dkdv" or "dq") with the pointer loads
+    of ``config`` (the TMA, pipelined-forward and atomic-dQ options are not modelled).
+
+    Each kernel keeps one block resident and streams the other: fwd holds Q [BLOCK_M, dk] and streams K + V
+    [BLOCK_N, dk + dv]; dQ holds Q + dO [BLOCK_M2, dk + dv] and streams K + V [BLOCK_N2, dk + dv]; dK/dV holds
+    K + V [BLOCK_N1, dk + dv] and streams Q + dO [BLOCK_M1, dk + dv]. Triton's software pipelining keeps copies of
+    the streamed tiles in shared memory:
+
+    * 2-byte inputs (tensor-core MMA reading shared memory asynchronously): num_stages copies, plus the resident
+      block;
+    * fp32 inputs (input_precision="ieee": FMA dots, operands moved to registers): max(num_stages, 2) - 1 copies,
+      plus the resident block, plus a [rows, cols] fp32 score tile for the layout change of p (or dS) before the
+      second dot.
+
+    Plus 1024 bytes of slack (per-row vectors such as lse, delta, the running max). Calibration: the kernels
+    compiled for sm_90 without a GPU (``triton.compile`` with ``GPUTarget("cuda", 90, 32)`` and 16-byte divisible
+    pointers/strides as at launch; triton 3.9) report a ``metadata.shared`` between this model without the slack
+    and with it (0 to 1024 bytes above the tiles) for every pipelined setting tried (num_stages 2-4; fwd and dQ
+    128/64 x 64/32, dK/dV 16/32 x 32/64/128; bf16 and fp32; tests/kernels/test_mla_attention.py lists them);
+    num_stages=1 (no pipelining) needs less than estimated. Both figures measured at launch with triton 3.6 match:
+    fp32 fwd at DEFAULT_CONFIG 295424 bytes (the OutOfResources error on an H200; estimate 295936, +0.2%) and bf16
+    fwd 168 KiB = 172032 (BENCHMARKS.md, H100; estimate 173056). Other Triton versions or GPUs can differ, which
+    is why a launch that still runs out of resources falls back (``launch_config``)."""
+    if kernel not in KERNEL_FIELDS:
+        raise ValueError(f"kernel {kernel!r}: one of {sorted(KERNEL_FIELDS)}")
+    es = _itemsize(dtype)
+    rows, cols, _, stages = _kernel_params(kernel, config)  # fwd/dq: rows = queries; dK/dV: rows = queries too
+    if kernel == "fwd":
+        resident, streamed = rows * dk * es, cols * (dk + dv) * es
+    elif kernel == "dq":
+        resident, streamed = rows * (dk + dv) * es, cols * (dk + dv) * es
+    else:  # dK/dV: BLOCK_N1 (cols) keys resident, BLOCK_M1 (rows) queries streamed
+        resident, streamed = cols * (dk + dv) * es, rows * (dk + dv) * es
+    if es <= 2:
+        return stages * streamed + resident + _SMEM_SLACK
+    return (max(stages, 2) - 1) * streamed + resident + rows * cols * 4 + _SMEM_SLACK
+
+
+def select_config(dtype: torch.dtype, dk: int, dv: int, smem_limit: int) -> MLAConfig:
+    """The launch settings for inputs of ``dtype`` and head dims dk/dv on a device allowing ``smem_limit`` bytes of
+    shared memory per program (a pure function): for each kernel the first of ``CANDIDATES[kernel]`` (the first
+    one being DEFAULT_CONFIG's, the measured bf16 optimum) whose ``shared_memory_estimate`` fits. bf16/fp16 on an
+    H100/H200 (232448 bytes) gives DEFAULT_CONFIG. Raises ``SharedMemoryLimitError`` when even the smallest
+    candidate of a kernel does not fit."""
+    config = DEFAULT_CONFIG
+    for kernel, candidates in CANDIDATES.items():
+        for params in candidates:
+            trial = _with_params(config, kernel, params)
+            if shared_memory_estimate(kernel, trial, dtype, dk, dv) <= smem_limit:
+                config = trial
+                break
+        else:
+            smallest = shared_memory_estimate(kernel, trial, dtype, dk, dv)
+            raise SharedMemoryLimitError(
+                f"MLA attention {kernel} kernel, {dtype}, dk {dk} / dv {dv}: even the smallest launch candidate "
+                f"{dict(zip(KERNEL_FIELDS[kernel], params))} needs about {smallest} bytes of shared memory, the device "
+                f"allows {smem_limit}")
+    config.check()
+    return config
+
+
+def device_shared_memory_limit(device) -> Optional[int]:
+    """Shared memory (bytes) one program may use on ``device``: on CUDA the opt-in maximum per block,
+    ``torch.cuda.get_device_properties(device).shared_memory_per_block_optin`` (232448 on an H100/H200; the
+    "Hardware limit" of Triton's OutOfResources error), else Triton's ``max_shared_mem`` for the device; None when
+    unknown or not CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    if not limit:
+        try:
+            limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+        except Exception:  # noqa: BLE001 - an unknown limit only means no pre-selection
+            limit = None
+    return int(limit) if limit else None
+
+
+# (dtype, device type, device index, dk, dv) -> the chosen launch settings; updated by the launch fallback.
+_LAUNCH_CONFIGS: Dict[tuple, MLAConfig] = {}
+_LAUNCH_LOCK = threading.Lock()
+# One entry per launch fallback taken (kernel, dtype, the settings that failed and those used instead).
+LAUNCH_FALLBACKS: List[dict] = []
+
+
+def _launch_key(dtype: torch.dtype, device, dk: int, dv: int) -> tuple:
+    device = torch.device(device)
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return (dtype, device.type, index, dk, dv)
+
+
+def launch_config(dtype: torch.dtype, device, dk: int = 192, dv: int = 128) -> MLAConfig:
+    """The launch settings used when ``config`` is None: ``select_config(dtype, dk, dv, limit)`` with the device's
+    shared-memory limit (``device_shared_memory_limit``: ``shared_memory_per_block_optin`` on CUDA), cached per
+    (dtype, device, dk, dv); ``INTERPRET_CONFIG`` under TRITON_INTERPRET=1 or off CUDA; DEFAULT_CONFIG when the
+    limit is unknown.
+
+    Why an estimate and a fallback: the estimate picks the first setting (no failed compile, a clear error up front,
+    and the choice can be seen before running); a launch that still fails with Triton's OutOfResources moves that
+    kernel to the next candidate expected to fit (the estimate scaled by the observed Required/estimate ratio) and
+    caches the choice per (kernel, dtype, device, dims) here. The estimate alone models one Triton version's
+    allocation for aligned inputs, and that moves: the same bf16 forward compiles to 65536 bytes instead of 172032
+    when its pointers and strides are not 16-divisible (no pipelining), and other versions or GPUs can differ. A
+    retry alone would pay a full compile per failed candidate (35 s to 4 min per fp32 kernel on 2 CPU cores).
+    OutOfResources is raised when the compiled kernel is loaded, before it runs, so a retry is safe. Explicit
+    configs never fall back."""
+    if _interpreting() or torch.device(device).type != "cuda":
+        return INTERPRET_CONFIG
+    key = _launch_key(dtype, device, dk, dv)
+    with _LAUNCH_LOCK:
+        config = _LAUNCH_CONFIGS.get(key)
+    if config is None:
+        limit = device_shared_memory_limit(device)
+        config = DEFAULT_CONFIG if limit is None else select_config(dtype, dk, dv, limit)
+        with _LAUNCH_LOCK:
+            config = _LAUNCH_CONFIGS.setdefault(key, config)
+    return config
+
+
+def _fallback_params(kernel: str, config: MLAConfig, dtype: torch.dtype, dk: int, dv: int,
+                     err: OutOfResources) -> Optional[Tuple[int, int, int, int]]:
+    """After ``config`` ran out of resources in ``kernel``: the next candidate expected to fit once the estimate is
+    scaled by the observed required/estimate ratio; the next candidate at all when the error has no figures; None
+    when no candidate is left."""
+    candidates = CANDIDATES[kernel]
+    current = _kernel_params(kernel, config)
+    later = candidates[candidates.index(current) + 1:] if current in candidates else list(candidates)
+    if not later:
+        return None
+    if getattr(err, "name", None) != "shared memory":  # threads, registers, ...: just the next one
+        return later[0]
+    try:
+        required, limit = int(err.required), int(err.limit)
+        ratio = required / shared_memory_estimate(kernel, config, dtype, dk, dv)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return later[0]
+    for params in later:
+        if shared_memory_estimate(kernel, _with_params(config, kernel, params), dtype, dk, dv) * ratio <= limit:
+            return params
+    return later[-1]
+
+
+def _launch(kernel: str, config: Optional[MLAConfig], dtype: torch.dtype, device, dk: int, dv: int,
+            launch: Callable[[MLAConfig], object]):
+    """Runs ``launch(settings)`` (one kernel launch, returning the compiled kernel) with ``config``, or with
+    ``launch_config`` when config is None, falling back to smaller candidates on OutOfResources in that case."""
+    if config is not None:
+        return launch(config)
+    config = launch_config(dtype, device, dk, dv)
+    while True:
+        try:
+            return launch(config)
+        except OutOfResources as err:
+            params = _fallback_params(kernel, config, dtype, dk, dv, err)
+            if params is None:
+                raise SharedMemoryLimitError(
+                    f"MLA attention {kernel} kernel, {dtype}, dk {dk} / dv {dv}: the smallest launch candidate "
+                    f"{dict(zip(KERNEL_FIELDS[kernel], _kernel_params(kernel, config)))} still fails: {err}") from err
+            failed, config = config, _with_params(config, kernel, params)
+            LAUNCH_FALLBACKS.append({"kernel": kernel, "dtype": str(dtype), "failed": _kernel_params(kernel, failed),
+                                     "error": str(err), "next": params})
+            key = _launch_key(dtype, device, dk, dv)
+            with _LAUNCH_LOCK:  # keep the other kernels' entries as they are
+                _LAUNCH_CONFIGS[key] = _with_params(_LAUNCH_CONFIGS.get(key, failed), kernel, params)
 
 
 def _interpreting() -> bool:
@@ -525,8 +745,9 @@ def _check_offsets(max_seqlen: int, *tensors: torch.Tensor) -> None:
             raise ValueError(f"segment of {max_seqlen} tokens x stride {x.stride(0)} overflows int32 offsets")
 
 
-def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config: MLAConfig = DEFAULT_CONFIG):
-    """The Triton forward alone: (out [t, h, dv], lse [h, t] fp32, base 2)."""
+def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config: Optional[MLAConfig] = None):
+    """The Triton forward alone: (out [t, h, dv], lse [h, t] fp32, base 2). The raw launcher: max_seqlen must be at
+    least the longest segment (not checked here; ``mla_attention`` checks it); config None: ``launch_config``."""
     t, h, dk = q.shape
     d1, d2 = split_qk_dim(dk)
     dv_dim = v.shape[-1]
@@ -537,15 +758,19 @@ def mla_attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config
     if t == 0 or num_seqs == 0 or max_seqlen == 0:
         return out, lse
     _check_offsets(max_seqlen, q, k, v, out)
-    grid = (triton.cdiv(max_seqlen, config.BLOCK_M), num_seqs, h)
-    LAST_LAUNCHED["mla_fwd_kernel"] = _mla_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        lse.stride(0), softmax_scale * _LOG2E,
-        D1=d1, D2=d2, DV=dv_dim, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, LAZY=config.fwd_lazy,
-        PIPE=config.fwd_pipeline,
-        USE_TMA=_use_tma(config.fwd_tma, k, v), PREC=_prec(q.dtype),
-        num_warps=config.fwd_warps, num_stages=config.fwd_stages)
+
+    def launch(config):
+        grid = (triton.cdiv(max_seqlen, config.BLOCK_M), num_seqs, h)
+        return _mla_fwd_kernel[grid](
+            q, k, v, out, lse, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
+            out.stride(1), lse.stride(0), softmax_scale * _LOG2E,
+            D1=d1, D2=d2, DV=dv_dim, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, LAZY=config.fwd_lazy,
+            PIPE=config.fwd_pipeline,
+            USE_TMA=_use_tma(config.fwd_tma, k, v), PREC=_prec(q.dtype),
+            num_warps=config.fwd_warps, num_stages=config.fwd_stages)
+
+    LAST_LAUNCHED["mla_fwd_kernel"] = _launch("fwd", config, q.dtype, q.device, dk, dv_dim, launch)
     return out, lse
 
 
@@ -560,8 +785,9 @@ def bwd_preprocess(out, do):
     return delta
 
 
-def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config: MLAConfig = DEFAULT_CONFIG):
-    """(dk, dv, dq or None): with ``config.dq_atomic`` the same kernel also adds dq (fp32 atomics)."""
+def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config: Optional[MLAConfig] = None):
+    """(dk, dv, dq or None): with ``config.dq_atomic`` the same kernel also adds dq (fp32 atomics); config None:
+    ``launch_config`` (no atomics)."""
     t, h, dk_dim = q.shape
     d1, d2 = split_qk_dim(dk_dim)
     dv_dim = v.shape[-1]
@@ -569,40 +795,49 @@ def bwd_dkdv(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, con
     dk = torch.empty(t, h, dk_dim, dtype=k.dtype, device=q.device)
     dv = torch.empty(t, h, dv_dim, dtype=v.dtype, device=q.device)
     # Without atomics DQ is never touched: pass dk as a placeholder.
-    dq_acc = torch.zeros(t, h, dk_dim, dtype=torch.float32, device=q.device) if config.dq_atomic else dk
-    grid = (triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)
-    LAST_LAUNCHED["mla_bwd_dkdv_kernel"] = _mla_bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale,
-        D1=d1, D2=d2, DV_DIM=dv_dim, BLOCK_M1=config.BLOCK_M1, BLOCK_N1=config.BLOCK_N1,
-        DQ_ATOMIC=config.dq_atomic, USE_TMA=_use_tma(config.dkdv_tma, q, do), PREC=_prec(q.dtype),
-        num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
-    return dk, dv, (dq_acc if config.dq_atomic else None)
+    dq_atomic = config is not None and config.dq_atomic
+    dq_acc = torch.zeros(t, h, dk_dim, dtype=torch.float32, device=q.device) if dq_atomic else dk
+
+    def launch(config):
+        grid = (triton.cdiv(max_seqlen, config.BLOCK_N1), num_seqs, h)
+        return _mla_bwd_dkdv_kernel[grid](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            dq_acc.stride(0), dq_acc.stride(1), lse.stride(0), softmax_scale * _LOG2E, softmax_scale,
+            D1=d1, D2=d2, DV_DIM=dv_dim, BLOCK_M1=config.BLOCK_M1, BLOCK_N1=config.BLOCK_N1,
+            DQ_ATOMIC=dq_atomic, USE_TMA=_use_tma(config.dkdv_tma, q, do), PREC=_prec(q.dtype),
+            num_warps=config.dkdv_warps, num_stages=config.dkdv_stages)
+
+    LAST_LAUNCHED["mla_bwd_dkdv_kernel"] = _launch("dkdv", config, q.dtype, q.device, dk_dim, dv_dim, launch)
+    return dk, dv, (dq_acc if dq_atomic else None)
 
 
-def bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config: MLAConfig = DEFAULT_CONFIG):
-    """dq from its own kernel (no atomics): each program owns a block of query rows."""
+def bwd_dq(q, k, v, do, lse, delta, cu_seqlens, max_seqlen, softmax_scale, config: Optional[MLAConfig] = None):
+    """dq from its own kernel (no atomics): each program owns a block of query rows; config None: ``launch_config``."""
     t, h, dk_dim = q.shape
     d1, d2 = split_qk_dim(dk_dim)
     dv_dim = v.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
     dq = torch.empty(t, h, dk_dim, dtype=q.dtype, device=q.device)
-    grid = (triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)
-    LAST_LAUNCHED["mla_bwd_dq_kernel"] = _mla_bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), softmax_scale * _LOG2E,
-        softmax_scale, D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2,
-        USE_TMA=_use_tma(config.dq_tma, k, v), PREC=_prec(q.dtype), num_warps=config.dq_warps,
-        num_stages=config.dq_stages)
+
+    def launch(config):
+        grid = (triton.cdiv(max_seqlen, config.BLOCK_M2), num_seqs, h)
+        return _mla_bwd_dq_kernel[grid](
+            q, k, v, do, lse, delta, dq, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), softmax_scale * _LOG2E,
+            softmax_scale, D1=d1, D2=d2, DV=dv_dim, BLOCK_M2=config.BLOCK_M2, BLOCK_N2=config.BLOCK_N2,
+            USE_TMA=_use_tma(config.dq_tma, k, v), PREC=_prec(q.dtype), num_warps=config.dq_warps,
+            num_stages=config.dq_stages)
+
+    LAST_LAUNCHED["mla_bwd_dq_kernel"] = _launch("dq", config, q.dtype, q.device, dk_dim, dv_dim, launch)
     return dq
 
 
 def mla_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale,
-                           config: MLAConfig = DEFAULT_CONFIG):
-    """The Triton backward alone: (dq, dk, dv)."""
+                           config: Optional[MLAConfig] = None):
+    """The Triton backward alone: (dq, dk, dv); max_seqlen not checked (see ``mla_attention_forward``)."""
     do = _last_dim_contiguous(do)
     num_seqs = cu_seqlens.numel() - 1
     if q.shape[0] == 0 or num_seqs == 0 or max_seqlen == 0:
@@ -648,26 +883,62 @@ def _validate(q, k, v, cu_seqlens) -> None:
     _check_v_dim(v.shape[-1])
 
 
-def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                  softmax_scale: Optional[float] = None, config: Optional[MLAConfig] = None) -> torch.Tensor:
+def resolve_max_seqlen(cu_seqlens: torch.Tensor, max_seqlen: Optional[int], total_tokens: int) -> int:
+    """The longest segment of ``cu_seqlens`` when ``max_seqlen`` is None, else ``max_seqlen`` after checking it is
+    at least that long (the kernels launch ceil(max_seqlen / block) programs per segment, so a smaller value would
+    leave the rest of the longer segments unwritten). Also checks what would read or write out of bounds:
+    cu_seqlens must be non-decreasing within [0, total_tokens]. Raises ValueError.
+
+    Cost: one host read of four numbers computed from cu_seqlens (a diff, min and max over num_seqs + 1 int32):
+    free when cu_seqlens is on the CPU, one device synchronisation when it is on the GPU. Done once per
+    ``mla_attention`` call (the backward reuses the value): next to a forward of 1.5 ms (8 x 4096 tokens) or even
+    tens of microseconds of attention per layer, a sync of a tiny tensor is cheap, and it cannot silently drop rows.
+    The raw launchers (``mla_attention_forward`` etc., used in timing loops) do not check."""
+    if cu_seqlens.numel() < 2:
+        longest = 0
+    else:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        first, last, shortest, longest = torch.stack(
+            [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+        if first < 0 or last > total_tokens or shortest < 0:
+            raise ValueError(f"cu_seqlens must be non-decreasing within [0, {total_tokens}] (the token count); got "
+                             f"first {first}, last {last}, shortest segment {shortest}")
+    if max_seqlen is None:
+        return int(longest)
+    given = int(max_seqlen)
+    if given < longest:
+        raise ValueError(f"max_seqlen={given} is smaller than the longest segment in cu_seqlens ({longest} tokens): "
+                         f"its rows past {given} would be left unwritten; pass max_seqlen >= {longest} or None")
+    return given
+
+
+def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_seqlen: Optional[int] = None, softmax_scale: Optional[float] = None,
+                  config: Optional[MLAConfig] = None) -> torch.Tensor:
     """Causal attention inside each packed segment: q, k [t, h, dk], v [t, h, dv], cu_seqlens int32
-    [num_seqs + 1] (on q's device), max_seqlen the longest segment (not checked: a smaller value leaves rows
-    unwritten). Returns [t, h, dv] in q's dtype; differentiable in q, k and v."""
+    [num_seqs + 1] (on q's device, or on the CPU: then the check below costs no device sync). max_seqlen: the
+    longest segment, or None to compute it from cu_seqlens; a given value smaller than the longest segment raises
+    ValueError (one device sync per call when cu_seqlens is on the GPU: ``resolve_max_seqlen``); larger is allowed
+    (more programs that exit at once). config: None picks ``launch_config(q.dtype, q.device, dk, dv)``
+    (DEFAULT_CONFIG for bf16/fp16 on an H100/H200, smaller settings where it does not fit, e.g. fp32); an explicit
+    MLAConfig is used as given. Returns [t, h, dv] in q's dtype; differentiable in q, k and v."""
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     softmax_scale = float(softmax_scale)
     if not softmax_scale > 0:
         raise ValueError(f"softmax_scale={softmax_scale}: must be > 0")
     _validate(q, k, v, cu_seqlens)
+    max_seqlen = resolve_max_seqlen(cu_seqlens, max_seqlen, q.shape[0])
     if not q.is_cuda and not _interpreting():
         return mla_attention_reference(q, k, v, cu_seqlens, softmax_scale, compute_dtype=torch.float32)
     if cu_seqlens.device != q.device:
         cu_seqlens = cu_seqlens.to(q.device)
-    if config is None:
-        config = INTERPRET_CONFIG if _interpreting() else DEFAULT_CONFIG
-    config.check()
-    return _MLAAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), softmax_scale, config)
+    if config is not None:
+        config.check()
+    return _MLAAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, config)
 
 
 __all__ = ["mla_attention", "MLAConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "split_qk_dim",
-           "mla_attention_forward", "mla_attention_backward", "bwd_preprocess", "bwd_dkdv", "bwd_dq"]
+           "mla_attention_forward", "mla_attention_backward", "bwd_preprocess", "bwd_dkdv", "bwd_dq",
+           "launch_config", "select_config", "shared_memory_estimate", "device_shared_memory_limit",
+           "resolve_max_seqlen", "SharedMemoryLimitError", "CANDIDATES", "LAUNCH_FALLBACKS"]
