@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,19 +20,42 @@ class DataReport:
     out_dir: Path
     source: str
     counts: dict[str, int]
-    skipped: dict[str, int]
+    skipped: dict[str, int]  # bad rows skipped (data.skip_bad_rows)
     reused: bool
+    too_long: dict[str, int] = field(default_factory=dict)  # prompts over max_prompt_length tokens, dropped
+    max_prompt_length: Optional[int] = None
+    files: dict[str, str] = field(default_factory=dict)  # per split: the files read
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # per split: identical copies not read
+    too_long_examples: dict[str, list[dict]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         how = "reused" if self.reused else "written"
         skipped = f", skipped {self.skipped}" if any(self.skipped.values()) else ""
-        return f"{self.source} data {how} in {self.out_dir}: {self.counts}{skipped}"
+        lines = [f"{self.source} data {how} in {self.out_dir}: {self.counts}{skipped}"]
+        if self.max_prompt_length is not None:
+            examples = "; ".join(f"{e['split']} row {e['row']}: {e['tokens']} tokens"
+                                 for group in self.too_long_examples.values() for e in group)
+            lines.append(f"  too long (prompt over grpo.max_prompt_length={self.max_prompt_length} tokens, dropped): "
+                         f"{self.too_long}" + (f" e.g. {examples}" if examples else ""))
+        if self.files:
+            lines.append("  files read: " + "; ".join(f"{k}: {v}" for k, v in self.files.items()))
+        for split, paths in self.ignored.items():
+            lines.append(f"  ignored, an identical second copy of the {split} split: {', '.join(paths)}")
+        return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        rows = "".join(f"<tr><td>{k}</td><td>{v}</td><td>{self.skipped.get(k, 0)}</td></tr>"
+        limit = f" (&gt; {self.max_prompt_length} tokens, dropped)" if self.max_prompt_length is not None else ""
+        rows = "".join(f"<tr><td>{k}</td><td>{v}</td><td>{self.skipped.get(k, 0)}</td>"
+                       f"<td>{self.too_long.get(k, 0)}</td><td><code>{escape(self.files.get(k, ''))}</code></td></tr>"
                        for k, v in self.counts.items())
+        ignored = "".join(f"<p>ignored, an identical second copy of the {k} split: <code>{escape(', '.join(v))}</code>"
+                          "</p>" for k, v in self.ignored.items())
+        examples = ", ".join(f"{e['split']} row {e['row']} ({e['tokens']} tokens)"
+                             for group in self.too_long_examples.values() for e in group)
+        examples = f"<p>too long, e.g.: {examples}</p>" if examples else ""
         return (f"<p>{self.source} data {'reused' if self.reused else 'written'} in <code>{self.out_dir}</code></p>"
-                f"<table><tr><th>split</th><th>records</th><th>skipped</th></tr>{rows}</table>")
+                f"<table><tr><th>split</th><th>records</th><th>skipped (bad rows)</th><th>too long{limit}</th>"
+                f"<th>files read</th></tr>{rows}</table>{examples}{ignored}")
 
 
 def output_dir(cfg: CookbookConfig, out_dir: Optional[str | Path] = None) -> Path:
@@ -40,11 +64,27 @@ def output_dir(cfg: CookbookConfig, out_dir: Optional[str | Path] = None) -> Pat
     return Path(cfg.data.processed_dir) if cfg.data.processed_dir else cfg.run_dir / "data"
 
 
-def _identity(cfg: CookbookConfig) -> dict[str, Any]:
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """What names the tokenizer that counted prompt tokens: its directory (or name), chat template and size."""
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if Path(name).is_dir():
+        name = str(Path(name).resolve())
+    ident: dict[str, Any] = {"name": name}
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        ident["chat_template"] = hashlib.sha256(template.encode()).hexdigest()[:12]
+    if hasattr(tokenizer, "__len__"):
+        ident["vocab"] = len(tokenizer)
+    return ident
+
+
+def _identity(cfg: CookbookConfig, tokenizer: Any) -> dict[str, Any]:
     """What the outputs depend on; a matching manifest means they can be reused as they are."""
     d = cfg.data
     ident: dict[str, Any] = {"source": d.source, "skip_bad_rows": d.skip_bad_rows,
-                             "suffix": hashlib.sha256(d.prompt_suffix.encode()).hexdigest()[:12]}
+                             "suffix": hashlib.sha256(d.prompt_suffix.encode()).hexdigest()[:12],
+                             "max_prompt_length": cfg.grpo.max_prompt_length,
+                             "tokenizer": tokenizer_identity(tokenizer)}
     if d.source == "generated":
         ident.update(seed=cfg.seed, num_train=d.num_train, num_test=d.num_test)
     else:
@@ -52,38 +92,58 @@ def _identity(cfg: CookbookConfig) -> dict[str, Any]:
     return ident
 
 
-def _raw_rows(cfg: CookbookConfig, out: Path) -> tuple[dict[str, list], dict[str, str]]:
+def _raw_rows(cfg: CookbookConfig, out: Path) -> tuple[dict[str, list], dict[str, str], dict[str, list[str]]]:
+    """(rows per split, the files or generator they came from, identical copies ignored)."""
     d = cfg.data
     if d.source == "generated":
         from cookbook.data.generate import generate_rows
 
         return ({"train": generate_rows(d.num_train, cfg.seed, "train"),
                  "test": generate_rows(d.num_test, cfg.seed, "test")},
-                {"train": "generated train split", "test": "generated test split"})
+                {"train": "generated train split", "test": "generated test split"}, {})
     from cookbook.data.lighteval import download, load_raw
 
     local = Path(d.local_dir) if d.local_dir else out.parent / "raw"
     if d.source == "modelscope" and not (local.is_dir() and any(local.iterdir())):
         download(d.dataset_id, local)
-    return load_raw(local)
+    return tuple(load_raw(local))
 
 
-def prepare_data(cfg: CookbookConfig, out_dir: Optional[str | Path] = None, force: bool = False) -> DataReport:
+def _report(out: Path, cfg: CookbookConfig, manifest: dict[str, Any], reused: bool) -> DataReport:
+    return DataReport(out, cfg.data.source, manifest["counts"], manifest["skipped"], reused,
+                      too_long=manifest.get("too_long", {}), max_prompt_length=cfg.grpo.max_prompt_length,
+                      files=manifest.get("files", {}), ignored=manifest.get("ignored_duplicates", {}),
+                      too_long_examples=manifest.get("too_long_examples", {}))
+
+
+def prepare_data(cfg: CookbookConfig, out_dir: Optional[str | Path] = None, force: bool = False,
+                 tokenizer: Any = None) -> DataReport:
     """Generate or load MATH-lighteval, preprocess it, and write train/test JSONL plus a manifest.
 
-    Outputs whose manifest matches the config are reused; anything else is rebuilt atomically.
+    Prompts longer than ``grpo.max_prompt_length`` tokens (chat template applied, with ``tokenizer``; by
+    default the policy's, ``stats.tokenizer_for(cfg)``) are dropped and counted, as the reference does.
+    Outputs whose manifest matches the config and the tokenizer are reused; anything else is rebuilt atomically.
     """
+    if tokenizer is None:
+        from cookbook.data import stats
+
+        tokenizer = stats.tokenizer_for(cfg)
     out = output_dir(cfg, out_dir)
-    ident = _identity(cfg)
+    ident = _identity(cfg, tokenizer)
     manifest_path = out / MANIFEST
     if not force and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("identity") == ident and all((out / f"{s}.jsonl").is_file() for s in ("train", "test")):
-            return DataReport(out, cfg.data.source, manifest["counts"], manifest["skipped"], reused=True)
-    raw, names = _raw_rows(cfg, out)
-    report: PreprocessReport = preprocess(raw, out, cfg.data.prompt_suffix, cfg.data.skip_bad_rows, names)
-    counts = {k: v.written for k, v in report.splits.items()}
-    skipped = {k: v.skipped for k, v in report.splits.items()}
-    write_json(manifest_path, {"identity": ident, "counts": counts, "skipped": skipped,
-                               "skip_reasons": {k: dict(v.reasons) for k, v in report.splits.items()}})
-    return DataReport(out, cfg.data.source, counts, skipped, reused=False)
+            return _report(out, cfg, manifest, reused=True)
+    raw, names, ignored = _raw_rows(cfg, out)
+    report: PreprocessReport = preprocess(raw, out, cfg.data.prompt_suffix, cfg.data.skip_bad_rows, names,
+                                          tokenizer=tokenizer, max_prompt_length=cfg.grpo.max_prompt_length)
+    splits = report.splits
+    manifest = {"identity": ident, "counts": {k: v.written for k, v in splits.items()},
+                "skipped": {k: v.skipped for k, v in splits.items()},
+                "skip_reasons": {k: dict(v.reasons) for k, v in splits.items()},
+                "too_long": {k: v.too_long for k, v in splits.items()},
+                "too_long_examples": {k: v.too_long_examples for k, v in splits.items()},
+                "files": names, "ignored_duplicates": ignored}
+    write_json(manifest_path, manifest)
+    return _report(out, cfg, manifest, reused=False)

@@ -2,6 +2,9 @@
 
 Every row is checked before anything is written: a bad row stops the step with the file, the row
 number and the reason, unless ``skip_bad_rows`` is set, in which case it is skipped and counted.
+Given the policy's tokenizer and ``grpo.max_prompt_length``, a record whose chat-templated prompt is longer
+than the limit is dropped and counted (``too_long``, apart from bad rows), as the reference drops such
+prompts when it loads the data; it is never an error.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from cookbook.data.reward import last_boxed
 DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
 REQUIRED = ("problem", "solution")
 SPLITS = ("train", "test")
+TOO_LONG_EXAMPLES = 5  # per split, kept in the report and the manifest
 
 
 class BadRowError(ValueError):
@@ -26,21 +30,34 @@ class BadRowError(ValueError):
 @dataclass
 class SplitReport:
     written: int = 0
-    skipped: int = 0
+    skipped: int = 0  # bad rows (skip_bad_rows)
     reasons: Counter = field(default_factory=Counter)
+    too_long: int = 0  # prompts over max_prompt_length tokens, dropped
+    too_long_examples: list[dict[str, Any]] = field(default_factory=list)  # {"split", "row", "tokens"}
 
 
 @dataclass
 class PreprocessReport:
     out_dir: Path
     splits: dict[str, SplitReport]
+    max_prompt_length: Optional[int] = None
 
     def __str__(self) -> str:
         lines = [f"preprocessed into {self.out_dir}"]
         for name, s in self.splits.items():
             extra = f", skipped {s.skipped} ({dict(s.reasons)})" if s.skipped else ""
+            if s.too_long:
+                rows = ", ".join(f"row {e['row']} ({e['tokens']} tokens)" for e in s.too_long_examples)
+                extra += (f", dropped {s.too_long} too long (over grpo.max_prompt_length={self.max_prompt_length} "
+                          f"tokens; e.g. {rows})")
             lines.append(f"  {name}: {s.written} records{extra}")
         return "\n".join(lines)
+
+
+def prompt_token_count(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of the chat-templated prompt, by the call the rollout engine makes (``encode``)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def row_problem(row: Any) -> Optional[str]:
@@ -69,10 +86,18 @@ def to_record(row: dict[str, Any], split: str, index: int, prompt_suffix: str) -
 
 
 def preprocess(raw: dict[str, list[Any]], out_dir: str | os.PathLike, prompt_suffix: str,
-               skip_bad_rows: bool = False, source_names: Optional[dict[str, str]] = None) -> PreprocessReport:
-    """Check every row of every split, then write ``train.jsonl`` and ``test.jsonl`` atomically."""
+               skip_bad_rows: bool = False, source_names: Optional[dict[str, str]] = None,
+               tokenizer: Any = None, max_prompt_length: Optional[int] = None) -> PreprocessReport:
+    """Check every row of every split, then write ``train.jsonl`` and ``test.jsonl`` atomically.
+
+    With ``tokenizer`` and ``max_prompt_length``, records whose chat-templated prompt is longer than
+    ``max_prompt_length`` tokens are dropped and counted per split (``SplitReport.too_long``).
+    """
     out_dir = Path(out_dir)
     source_names = source_names or {}
+    if max_prompt_length is not None and tokenizer is None:
+        raise ValueError("preprocess: max_prompt_length needs the policy's tokenizer to count prompt tokens")
+    limit = max_prompt_length if tokenizer is not None else None
     records: dict[str, list[dict]] = {}
     reports: dict[str, SplitReport] = {}
     for split in SPLITS:
@@ -83,7 +108,14 @@ def preprocess(raw: dict[str, list[Any]], out_dir: str | os.PathLike, prompt_suf
         for n, row in enumerate(raw[split], 1):
             problem = row_problem(row)
             if problem is None:
-                kept.append(to_record(row, split, len(kept), prompt_suffix))
+                record = to_record(row, split, len(kept), prompt_suffix)
+                tokens = prompt_token_count(tokenizer, record["prompt"]) if limit is not None else 0
+                if limit is not None and tokens > limit:
+                    report.too_long += 1
+                    if len(report.too_long_examples) < TOO_LONG_EXAMPLES:
+                        report.too_long_examples.append({"split": split, "row": n, "tokens": tokens})
+                else:
+                    kept.append(record)
             elif skip_bad_rows:
                 report.skipped += 1
                 report.reasons[problem] += 1
@@ -95,7 +127,7 @@ def preprocess(raw: dict[str, list[Any]], out_dir: str | os.PathLike, prompt_suf
         records[split], reports[split] = kept, report
     for split in SPLITS:
         write_jsonl(out_dir / f"{split}.jsonl", records[split])
-    return PreprocessReport(out_dir, reports)
+    return PreprocessReport(out_dir, reports, limit)
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:

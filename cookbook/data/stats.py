@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cookbook.config import CookbookConfig
-from cookbook.data.preprocess import read_records
+from cookbook.data.preprocess import prompt_token_count, read_records
 
 
 def load_split(data_dir: str | os.PathLike, split: str) -> list[dict[str, Any]]:
@@ -33,11 +33,7 @@ def prompt_lengths(records: list[dict[str, Any]], tokenizer: Any = None) -> list
     """Prompt lengths in tokens (with the chat template) when a tokenizer is given, else characters."""
     if tokenizer is None:
         return [len(prompt_text(r)) for r in records]
-    out = []
-    for r in records:
-        ids = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)
-        out.append(len(ids["input_ids"] if hasattr(ids, "keys") else ids))
-    return out
+    return [prompt_token_count(tokenizer, r["prompt"]) for r in records]
 
 
 def length_summary(records: list[dict[str, Any]], tokenizer: Any = None, limit: Optional[int] = None
