@@ -53,7 +53,7 @@ def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig) -
         [r["prompt"] for r in records], n=1, temperature=g.eval_temperature, top_p=g.eval_top_p,
         top_k=g.eval_top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, 0, "eval")))
     scores = score_batch([s.text for s in samples],
-                         [records[s.prompt_index]["reward_model"]["ground_truth"] for s in samples])
+                         [records[s.prompt_index]["reward_model"]["ground_truth"] for s in samples], mode=g.reward_mode)
     return {"eval/accuracy": float(np.mean([r.score for r in scores])),
             "eval/response_length": float(np.mean([len(s.response_ids) for s in samples]))}
 
@@ -69,7 +69,7 @@ def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfi
         top_k=g.top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step)))
     t0 = time.perf_counter()
     results = score_batch([s.text for s in samples],
-                          [prompts[s.prompt_index]["reward_model"]["ground_truth"] for s in samples])
+                          [prompts[s.prompt_index]["reward_model"]["ground_truth"] for s in samples], mode=g.reward_mode)
     rewards = np.array([r.score for r in results], dtype=np.float32)
     lengths = np.array([len(s.response_ids) for s in samples])
     per_prompt = rewards.reshape(len(prompts), g.samples_per_prompt)

@@ -13,7 +13,7 @@ RECIPE_KEYS = (
     "grpo.steps", "grpo.lr", "grpo.prompts_per_step", "grpo.samples_per_prompt", "grpo.num_minibatches",
     "grpo.max_prompt_length", "grpo.max_response_length", "grpo.clip_low", "grpo.clip_high",
     "grpo.logratio_clamp", "grpo.loss_cap", "grpo.loss_aggregation", "grpo.advantage", "grpo.kl_coef",
-    "grpo.importance_correction", "grpo.temperature", "grpo.eval_temperature", "grpo.eval_every",
+    "grpo.importance_correction", "grpo.reward_mode", "grpo.temperature", "grpo.eval_temperature", "grpo.eval_every",
     "moe.router_load_balancing_type", "moe.aux_loss_coeff", "moe.router_enable_expert_bias",
     "moe.router_bias_update_rate", "parallel.tensor", "parallel.pipeline", "parallel.context", "parallel.expert",
     "parallel.rollout_tensor", "parallel.colocate", "model.params_dtype",
@@ -55,12 +55,16 @@ def check_inputs(cfg: CookbookConfig):
 
 
 def summary_tables(run_dir: str | os.PathLike):
-    """(eval accuracy at the first and last evaluation, mean seconds per step phase) as DataFrames."""
+    """(eval accuracy at the first and last evaluation, named with the run's reward mode; mean seconds per
+    step phase) as DataFrames."""
     import pandas as pd
 
+    from cookbook.config import load_saved_config
+
+    mode = load_saved_config(run_dir).grpo.reward_mode
     rows = read_metrics(run_dir)
     steps, acc = series(rows, "eval/accuracy")
-    accuracy = pd.DataFrame({"step": steps, "eval accuracy": acc}).set_index("step")
+    accuracy = pd.DataFrame({"step": steps, f"eval accuracy ({mode} reward)": acc}).set_index("step")
     if len(accuracy) > 2:
         accuracy = accuracy.iloc[[0, -1]]
     phases = ("rollout", "reward", "train", "sync", "eval", "step")
