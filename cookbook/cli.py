@@ -50,13 +50,53 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from cookbook.convert.pipeline import convert
+    """Without ``--direction``: notebook 20 for the run's preset (``convert_policy``: source preparation, then
+    HF -> Megatron-Core into the run folder; ``--verify`` adds its checks). ``--direction hf_to_mcore`` does the
+    same on ``--src``/``--out``, so an fp8 or unfixed download is prepared exactly as the notebook would prepare
+    it; ``mcore_to_hf`` and ``fp8_to_bf16`` run that one step on the folders given."""
+    from cookbook.convert.pipeline import convert, convert_policy, verify_conversion
 
+    if args.direction is None and (args.src or args.out or args.tokenizer_dir):
+        raise ConfigError("--src/--out/--tokenizer-dir go with --direction; without it the run's preset is converted "
+                          "(set model.hf_dir=DIR to convert your download)")
+    if args.direction is not None and not (args.src and args.out):
+        raise ConfigError(f"--direction {args.direction} needs --src and --out")
+    if args.verify and args.direction not in (None, "hf_to_mcore"):
+        raise ConfigError("--verify checks an HF -> Megatron-Core conversion: use it without --direction or with "
+                          "--direction hf_to_mcore")
     cfg = _open(args)
+    if args.direction in (None, "hf_to_mcore"):
+        result = convert_policy(cfg, overwrite=args.overwrite, src=args.src or None, out=args.out or None)
+        print("\n".join(result.steps + [f"converted: {result.ckpt}" if result.ckpt
+                                        else "this part is done; part 0 finalizes"]))
+        if not (args.verify and result.ckpt):
+            return 0
+        checks = verify_conversion(cfg, result.source, result.ckpt)
+        print(checks)
+        return 0 if checks.bit_exact else 1
     out = convert(cfg, args.direction, args.src, args.out, overwrite=args.overwrite,
                   tokenizer_dir=args.tokenizer_dir or None)
     print(f"converted: {out}" if out else "this part is done; part 0 finalizes")
     return 0
+
+
+def cmd_verify_convert(args: argparse.Namespace) -> int:
+    """Notebook 20's checks on an existing conversion (``verify_conversion``); exit 1 unless bit-exact."""
+    from pathlib import Path
+
+    from cookbook.convert.pipeline import verify_conversion
+    from cookbook.convert.source import prepare_hf_dir, prepare_source
+    from cookbook.rundir import mcore_dir
+
+    cfg = _open(args)
+    ckpt = Path(args.ckpt) if args.ckpt else mcore_dir(cfg)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt} is not a converted checkpoint: run `cookbook convert` with the same "
+                                "--run-name (or model.mcore_dir) first, or pass --ckpt")
+    source = prepare_hf_dir(cfg, args.src)[0] if args.src else prepare_source(cfg)[0]
+    checks = verify_conversion(cfg, source, ckpt)
+    print(checks)
+    return 0 if checks.bit_exact else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -109,14 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_model)
 
-    p = sub.add_parser("convert", help="checkpoint conversion (notebook 20): hf_to_mcore | mcore_to_hf | fp8_to_bf16")
+    p = sub.add_parser("convert", help="checkpoint conversion (notebook 20): the run's policy, or one step")
     _common(p)
-    p.add_argument("--direction", required=True, choices=("hf_to_mcore", "mcore_to_hf", "fp8_to_bf16"))
-    p.add_argument("--src", required=True, help="source checkpoint folder")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--direction", default=None, choices=("hf_to_mcore", "mcore_to_hf", "fp8_to_bf16"),
+                   help="one step on --src/--out (hf_to_mcore prepares --src as notebook 20 does); default: the "
+                        "preset's source (tiny build or model.hf_dir) prepared and converted into the run folder")
+    p.add_argument("--src", default="", help="with --direction: source checkpoint folder")
+    p.add_argument("--out", default="", help="with --direction: output folder (written atomically)")
     p.add_argument("--tokenizer-dir", default="", help="mcore_to_hf: where tokenizer files come from")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--verify", action="store_true",
+                   help="then check it as notebook 20 does: HF -> Megatron -> HF bit for bit, and the logits")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify-convert", help="notebook 20's checks on a run's converted checkpoint: bit-exact "
+                                              "round trip and HF-vs-Megatron logits (exit 1 unless bit-exact)")
+    _common(p)
+    p.add_argument("--src", default="", help="the HF checkpoint it was converted from (default: the preset's "
+                                             "source, as `cookbook convert` prepares it)")
+    p.add_argument("--ckpt", default="", help="the Megatron-Core checkpoint (default: the run's, model.mcore_dir "
+                                              "or runs/<run>/mcore)")
+    p.set_defaults(func=cmd_verify_convert)
 
     p = sub.add_parser("train", help="GRPO training (notebook 30); resumes from the run folder's checkpoints")
     _common(p)

@@ -1,8 +1,19 @@
 """The conversion steps as the notebook and ``cookbook convert`` run them, and the checks that prove them:
-the HF -> Megatron -> HF round trip (bit-exact) and the HF-vs-Megatron logit comparison."""
+the HF -> Megatron -> HF round trip (bit-exact) and the HF-vs-Megatron logit comparison.
+
+Two levels, one implementation, shared by notebook 20 and the CLI:
+
+- ``convert_policy`` and ``verify_conversion`` are notebook 20's sequence: prepare the source (the tiny build, or
+  the user's download cast fp8 -> bf16 and given the tutorial's config fixes, ``source.prepare_hf_dir``), convert
+  it into the run's Megatron-Core folder, then check it. Notebook 20 calls them; so do ``cookbook convert`` (no
+  ``--direction``: the run's preset; ``--direction hf_to_mcore --src/--out``: a given folder, prepared the
+  same way), ``cookbook convert --verify`` and ``cookbook verify-convert``.
+- ``convert`` is one raw step (hf_to_mcore, mcore_to_hf, fp8_to_bf16) on exactly the folders it is given; the
+  steps above are built from it, and ``cookbook convert --direction mcore_to_hf|fp8_to_bf16`` runs it alone.
+"""
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
@@ -12,6 +23,7 @@ from safetensors import safe_open
 
 from cookbook.config import ConfigError, CookbookConfig
 from cookbook.convert.hf_io import read_index
+from cookbook.models.hf_config import read_hf_config
 
 DIRECTIONS = ("hf_to_mcore", "mcore_to_hf", "fp8_to_bf16")
 
@@ -22,7 +34,7 @@ def part_from_env() -> tuple[int, int]:
 
 
 def needs_fp8_cast(hf_dir: str | os.PathLike) -> bool:
-    return bool(json.loads((Path(hf_dir) / "config.json").read_text()).get("quantization_config"))
+    return bool(read_hf_config(hf_dir).get("quantization_config"))
 
 
 def convert(cfg: CookbookConfig, direction: str, src: str | os.PathLike, out: str | os.PathLike,
@@ -91,3 +103,65 @@ def compare_logits(cfg: CookbookConfig, hf_dir: str | os.PathLike, ckpt_dir: str
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "max_abs_logit": float(hf_logits.abs().max()), "dtype": cfg.model.params_dtype,
             "same_argmax": float((mcore_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean())}
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    source: Path  # the HF directory that was converted (the tiny build, or the prepared bf16/fixed download)
+    steps: list[str]  # what preparing it took, one line each
+    ckpt: Optional[Path]  # the Megatron-Core checkpoint; None on a part of a split job that does not finalize
+
+
+def convert_policy(cfg: CookbookConfig, overwrite: bool = False, progress: bool = True,
+                   src: Optional[str | os.PathLike] = None, out: Optional[str | os.PathLike] = None,
+                   part: Optional[tuple[int, int]] = None) -> ConvertResult:
+    """Notebook 20's conversion of the initial policy (and ``cookbook convert``'s): prepare the source, then
+    HF -> Megatron-Core into ``out`` (default: ``mcore_dir(cfg)``, where training looks for it).
+
+    The source is the preset's (``source.prepare_source``: the tiny build, or ``model.hf_dir``), or ``src`` when
+    given (``cookbook convert --direction hf_to_mcore --src``); either way an fp8 checkpoint is first cast to a
+    bf16 copy next to it (``<dir>-BF16``, reused once complete) and the preset's config fixes are applied, so
+    the CLI and the notebook convert the same thing. ``part=(i, n)`` (default RANK/WORLD_SIZE) splits the job.
+    """
+    from cookbook.convert.source import prepare_hf_dir, prepare_source
+    from cookbook.rundir import mcore_dir
+
+    if src is None:
+        source, steps = prepare_source(cfg, overwrite=overwrite, part=part, progress=progress)
+    else:
+        source, steps = prepare_hf_dir(cfg, src, overwrite=overwrite, part=part, progress=progress)
+    ckpt = convert(cfg, "hf_to_mcore", source, out or mcore_dir(cfg), overwrite=overwrite, part=part,
+                   progress=progress)
+    return ConvertResult(source, steps, ckpt)
+
+
+@dataclasses.dataclass
+class Verification:
+    round_trip: dict  # round_trip_check(source, HF -> Megatron -> HF)
+    logits: dict  # compare_logits(cfg, source, ckpt)
+    hf_round_trip: Path  # where the round trip's HF copy was written
+
+    @property
+    def bit_exact(self) -> bool:
+        return bool(self.round_trip["bit_exact"])
+
+    def __str__(self) -> str:
+        def show(v):  # tensor-name lists can hold a whole model: the count and the first few
+            if not isinstance(v, list):
+                return str(v)
+            return f"{len(v)}" + (f" ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" if v else "")
+
+        lines = [f"round trip HF -> Megatron-Core -> HF ({self.hf_round_trip}):"]
+        lines += [f"  {k}: {show(v)}" for k, v in self.round_trip.items()]
+        lines += ["HF vs Megatron-Core logits:"] + [f"  {k}: {show(v)}" for k, v in self.logits.items()]
+        return "\n".join(lines)
+
+
+def verify_conversion(cfg: CookbookConfig, source: str | os.PathLike, ckpt: str | os.PathLike,
+                      out: Optional[str | os.PathLike] = None, progress: bool = True) -> Verification:
+    """Notebook 20's checks (and ``cookbook convert --verify`` / ``cookbook verify-convert``'s): convert ``ckpt``
+    back to HF in this process alone (default ``<run>/hf_roundtrip``, replaced), compare it with ``source`` bit
+    for bit, and compare the HF and Megatron-Core models' logits. Needs the model in memory; run it on one node."""
+    back = convert(cfg, "mcore_to_hf", ckpt, out or cfg.run_dir / "hf_roundtrip", tokenizer_dir=source,
+                   overwrite=True, part=(0, 1), progress=progress)
+    return Verification(round_trip_check(source, back), compare_logits(cfg, source, ckpt), Path(back))

@@ -1,9 +1,16 @@
 """The checkpoint a conversion starts from: the tiny build, or a user's download made ready as the
-tutorial does (fp8 cast to bf16 for DeepSeek-V3, then the config fixes)."""
+tutorial does (fp8 cast to bf16 for DeepSeek-V3, then the config fixes).
+
+``prepare_source`` finds the preset's checkpoint; ``prepare_hf_dir`` makes any HF directory ready, so
+``cookbook convert --direction hf_to_mcore --src DIR`` converts what notebook 20 would convert from ``DIR``.
+Both are idempotent: a complete bf16 copy is reused and fixes already applied change nothing.
+"""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import Optional
 
 from cookbook.config import CookbookConfig
 
@@ -17,26 +24,43 @@ def _wait_for(path: Path, poll_s: float = 10.0, timeout_s: float = 24 * 3600) ->
         time.sleep(poll_s)
 
 
-def prepare_source(cfg: CookbookConfig, overwrite: bool = False) -> tuple[Path, list[str]]:
-    """Return the bf16/fp32 HF directory to convert and what was done to get it."""
+def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bool = False,
+                   part: Optional[tuple[int, int]] = None, progress: bool = True) -> tuple[Path, list[str]]:
+    """Make ``hf_dir`` ready to convert under ``cfg``'s preset; return the directory to convert and what was done.
+
+    An fp8 checkpoint (``quantization_config`` in config.json) is cast to a bf16 copy next to it,
+    ``<dir>-BF16`` (node 0 casts, the other parts wait; a complete copy is reused unless ``overwrite``); the
+    preset's config fixes (``cookbook.models.fixes``) are applied to the directory that will be converted, the
+    original config kept as a backup; then its config must match the preset.
+    """
     from cookbook.convert.pipeline import convert, needs_fp8_cast
     from cookbook.models.fixes import FIXERS, apply_config_fixes
-    from cookbook.models.tiny import resolve_hf_dir
+    from cookbook.models.hf_config import check_hf_config, read_hf_config
 
+    hf_dir = Path(hf_dir)
     steps: list[str] = []
-    if cfg.preset == "tiny" and not cfg.model.hf_dir:
-        hf_dir = resolve_hf_dir(cfg)
-        return hf_dir, [f"tiny model (built once, cached): {hf_dir}"]
-    hf_dir = Path(cfg.model.hf_dir)
     if needs_fp8_cast(hf_dir):
         bf16 = hf_dir.with_name(hf_dir.name + "-BF16")
         if not (bf16 / "config.json").is_file() or overwrite:
-            convert(cfg, "fp8_to_bf16", hf_dir, bf16, overwrite=overwrite)  # node 0 casts, the others wait
+            convert(cfg, "fp8_to_bf16", hf_dir, bf16, overwrite=overwrite, part=part, progress=progress)
             _wait_for(bf16 / "config.json")
         steps.append(f"fp8 -> bf16: {bf16}")
         hf_dir = bf16
     if cfg.preset in FIXERS:
         steps.append(str(apply_config_fixes(hf_dir, cfg.preset)))
+    check_hf_config(read_hf_config(hf_dir), cfg.model, str(hf_dir / "config.json"))
+    return hf_dir, steps
+
+
+def prepare_source(cfg: CookbookConfig, overwrite: bool = False, part: Optional[tuple[int, int]] = None,
+                   progress: bool = True) -> tuple[Path, list[str]]:
+    """Return the preset's bf16/fp32 HF directory to convert and what was done to get it: the tiny build
+    (cached), or ``model.hf_dir`` through ``prepare_hf_dir`` (``model.hf_dir`` then names the prepared copy)."""
+    from cookbook.models.tiny import resolve_hf_dir
+
+    if not cfg.model.hf_dir:
+        hf_dir = resolve_hf_dir(cfg)  # builds the tiny model; for a real preset, says where to download it
+        return hf_dir, [f"tiny model (built once, cached): {hf_dir}"]
+    hf_dir, steps = prepare_hf_dir(cfg, cfg.model.hf_dir, overwrite=overwrite, part=part, progress=progress)
     cfg.model.hf_dir = str(hf_dir)
-    resolve_hf_dir(cfg)  # the (fixed) config must match the preset
     return hf_dir, steps

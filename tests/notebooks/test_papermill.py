@@ -13,22 +13,43 @@ def run_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
+@pytest.fixture(scope="module")
+def notebook(run_dir):
+    """``notebook(name)`` executes a notebook on tiny into the module's run folder the first time it is asked
+    for, and returns its executed copy (or raises its error again) after that: each test asks for what it
+    needs, so any test passes alone and the whole module runs every notebook once."""
+    done: dict[str, object] = {}
+
+    def run(name: str, params: dict | None = None):
+        if name not in done:
+            try:
+                done[name] = run_notebook(name, {"preset": "tiny", **(params or {})}, run_name="nb",
+                                          runs_dir=str(run_dir), progress=False)
+            except Exception as e:  # a prerequisite that failed is not run again by the next test
+                done[name] = e
+        if isinstance(done[name], Exception):
+            raise done[name]
+        return done[name]
+
+    return run
+
+
 def _errors(path):
     nb = json.loads(path.read_text())
     return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
 
 
-def test_00_environment(run_dir):
-    out = run_notebook("00_environment", {"preset": "tiny"}, run_name="nb", runs_dir=str(run_dir), progress=False)
+def test_00_environment(run_dir, notebook):
+    out = notebook("00_environment")
     assert out.is_file() and not _errors(out)
     report = json.loads((run_dir / "nb" / "env_report.json").read_text())
     assert report["preset"] == "tiny" and report["worst"] == "ok"
     assert (run_dir / "nb" / "notebooks" / "00_environment.params.yaml").is_file()
 
 
-def test_10_data(run_dir):
-    out = run_notebook("10_data", {"preset": "tiny"}, run_name="nb", runs_dir=str(run_dir), progress=False)
+def test_10_data(run_dir, notebook):
+    out = notebook("10_data")
     assert out.is_file() and not _errors(out)
     data = run_dir / "nb" / "data"
     train = (data / "train.jsonl").read_text().splitlines()
@@ -39,19 +60,19 @@ def test_10_data(run_dir):
     assert (run_dir / "nb" / "plots" / "prompt_lengths.png").is_file()
 
 
-def test_20_convert(run_dir):
-    out = run_notebook("20_convert", {"preset": "tiny"}, run_name="nb", runs_dir=str(run_dir), progress=False)
+def test_20_convert(run_dir, notebook):
+    out = notebook("20_convert")
     assert out.is_file() and not _errors(out)
     assert (run_dir / "nb" / "mcore" / "cookbook_convert.json").is_file()
     text = out.read_text()
     assert "bit_exact" in text and "max_abs_diff" in text
 
 
-def test_30_grpo_on_tiny(run_dir):
-    out = run_notebook("30_grpo_moonlight", {"preset": "tiny", "steps": 4, "plot_every": 2,
-                                             "overrides": {"grpo.eval_every": 2, "data.max_test_examples": 40,
-                                                           "logging.wandb_mode": "disabled"}},
-                       run_name="nb", runs_dir=str(run_dir), progress=False)
+def test_30_grpo_on_tiny(run_dir, notebook):
+    notebook("20_convert")  # the policy it starts from (it prepares the data itself when notebook 10 has not run)
+    out = notebook("30_grpo_moonlight", {"steps": 4, "plot_every": 2,
+                                         "overrides": {"grpo.eval_every": 2, "data.max_test_examples": 40,
+                                                       "logging.wandb_mode": "disabled"}})
     assert out.is_file() and not _errors(out)
     run = run_dir / "nb"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

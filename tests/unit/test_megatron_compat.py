@@ -32,13 +32,34 @@ def test_guard_and_idempotence(applied):
     assert compat.apply_cpu_compat() == applied and torch.cuda.current_device is patched
 
 
-def test_current_device():
-    with pytest.raises((AssertionError, RuntimeError)):
-        compat.ORIGINALS["torch.cuda.current_device"]()
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+def _raised_in(excinfo, filename):
+    """The error came from that file's code (Megatron's call site), not from the test calling torch itself."""
+    return any(filename in str(entry.path) for entry in excinfo.traceback)
 
-    rope = RotaryEmbedding(64, rotary_percent=1.0, use_cpu_initialization=False)  # MLA builds it like this
-    assert rope.inv_freq.device.type == "cpu"
+
+def _mla_rotary_embedding(rope_type):
+    """The rotary embedding exactly as ``MLASelfAttention.__init__`` builds it (no ``use_cpu_initialization``)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    if rope_type == "rope":  # Moonlight, tiny
+        return RotaryEmbedding(64, rotary_percent=1.0, rotary_base=10000)
+    return YarnRotaryEmbedding(64, rotary_base=10000, scaling_factor=40.0, original_max_position_embeddings=4096,
+                               beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)  # DeepSeek-V3
+
+
+@pytest.mark.parametrize("rope_type", ["rope", "yarn"])
+def test_current_device(monkeypatch, rope_type):
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "current_device", compat.ORIGINALS["torch.cuda.current_device"])
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA") as err:
+            _mla_rotary_embedding(rope_type)
+        assert _raised_in(err, "rotary_pos_embedding.py"), err.traceback
+
+    rope = _mla_rotary_embedding(rope_type)
+    emb = rope(16)  # the forward asks for the current device again
+    emb = emb[0] if isinstance(emb, tuple) else emb  # YaRN also returns its mscale
+    assert emb.device.type == "cpu" and emb.shape[0] == 16 and emb.shape[-1] == 64
 
 
 def test_te_flags():
@@ -75,10 +96,39 @@ def test_rng_tracker():
     assert torch.equal(torch.get_rng_state(), before)  # forking leaves the default generator alone
 
 
-def test_cuda_synchronize():
-    with pytest.raises((AssertionError, RuntimeError)):
-        compat.ORIGINALS["torch.cuda.synchronize"]()
-    assert torch.cuda.synchronize() is None
+def _single_process_group():
+    """A one-process gloo group: Megatron's checkpointing and schedules ask torch.distributed for ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def test_cuda_synchronize(tmp_path, monkeypatch):
+    """Megatron's torch_dist save (what ``save_unit`` and the trainer's checkpoints call) synchronizes CUDA
+    before writing. It has no in-process mode in 0.16: it starts a results-queue manager (once per process)
+    and forks one writer per file; about 2-3 s here."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    _single_process_group()
+    weights = {"w": torch.randn(3, 5), "b": torch.arange(4.0)}
+
+    def sharded(tensors):
+        return {k: ShardedTensor.from_rank_offsets(k, v) for k, v in tensors.items()}
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "synchronize", compat.ORIGINALS["torch.cuda.synchronize"])
+        (tmp_path / "unpatched").mkdir()
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA") as err:
+            dist_checkpointing.save(sharded(weights), str(tmp_path / "unpatched"))
+        assert _raised_in(err, "dist_checkpointing"), err.traceback
+
+    (tmp_path / "ckpt").mkdir()
+    dist_checkpointing.save(sharded(weights), str(tmp_path / "ckpt"))
+    loaded = dist_checkpointing.load(sharded({k: torch.zeros_like(v) for k, v in weights.items()}),
+                                     str(tmp_path / "ckpt"))
+    assert set(loaded) == set(weights) and all(torch.equal(loaded[k], v) for k, v in weights.items())
 
 
 def _tiny_transformer_config(**overrides):
@@ -134,10 +184,7 @@ def _run_schedule(schedule):
 
 
 def test_schedules_token_counter():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # the schedule asks parallel_state for its groups
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    _single_process_group()  # the schedule asks parallel_state for its groups
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
