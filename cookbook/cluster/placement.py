@@ -7,7 +7,6 @@ each with one CPU: the same code path, two processes.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -53,7 +52,7 @@ def init_ray(cfg: CookbookConfig, address: Optional[str] = None) -> Any:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}}
     # The actors write their own logs into the run folder (cookbook.logs); Ray only reports warnings here.
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    quiet = {"log_to_driver": False, "configure_logging": False}
     if address:
         ray.init(address=address, runtime_env=env, **quiet)
     else:

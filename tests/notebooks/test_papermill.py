@@ -34,6 +34,12 @@ def notebook(run_dir):
     return run
 
 
+def _streams(path, name):
+    nb = json.loads(path.read_text())
+    return ["".join(o["text"]) for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+            if o.get("output_type") == "stream" and o.get("name") == name]
+
+
 def _errors(path):
     nb = json.loads(path.read_text())
     return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
@@ -80,3 +86,8 @@ def test_30_grpo_on_tiny(run_dir, notebook):
     assert (run / "plots" / "training.png").is_file() and (run / "hf_export" / "config.json").is_file()
     # it started from the checkpoint notebook 20 converted (the inputs table says so before training)
     assert "ready (from notebook 20)" in (run / "notebooks" / "30_grpo_moonlight.ipynb").read_text()
+    # a reader sees progress, tables and plots; what Megatron-Core, vLLM and Ray print is in <run>/logs/
+    assert not _streams(out, "stderr"), _streams(out, "stderr")[:3]
+    assert "IProgress not found" not in out.read_text()
+    assert "not loaded from checkpoint" in (run / "logs" / "rollout.log").read_text()  # vLLM's reload, logged
+    assert (run / "logs" / "trainer.log").is_file() and (run / "logs" / "driver.log").is_file()
