@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -121,7 +122,8 @@ class GRPOConfig:
     micro_batch_size: int = 1
     max_prompt_length: int = 1024
     max_response_length: int = 2048
-    sequence_packing: bool = False  # refused until the trainer packs sequences (the Moonlight reference: on)
+    sequence_packing: bool = False  # pack samples into rows of packing_max_tokens (thd); needed by parallel.context > 1
+    packing_max_tokens: int = 4096  # tokens per packed row (the Moonlight reference: 4096); micro_batch_size = rows
     clip_low: float = 0.2
     clip_high: float = 0.2
     logratio_clamp: float = 10.0
@@ -208,17 +210,18 @@ _MOONLIGHT: dict[str, Any] = {
         "rms_norm_eps": 1e-5, "params_dtype": "bfloat16",
     },
     "parallel": {
-        # the reference uses context 2; refused until the MLA core attention has context parallelism
-        "num_nodes": 1, "gpus_per_node": 8, "tensor": 2, "pipeline": 2, "context": 1, "expert": 2,
+        # the reference's layout: TP2 PP2 CP2 (context parallelism in the project's MLA attention) EP2 ETP2
+        "num_nodes": 1, "gpus_per_node": 8, "tensor": 2, "pipeline": 2, "context": 2, "expert": 2,
         "expert_tensor": 2, "sequence_parallel": True, "first_pipeline_stage_layers": 14,
         "recompute": "selective", "rollout_tensor": 2, "rollout_gpu_memory_utilization": 0.75,
     },
     "data": {"source": "modelscope"},
     "grpo": {
         "steps": 200, "lr": 2e-6, "prompts_per_step": 64, "samples_per_prompt": 32,
-        "max_prompt_length": 1024, "max_response_length": 2048, "micro_batch_size": 1,
-        # the reference packs sequences into 4096-token rows; refused until the trainer packs
-        "sequence_packing": False, "eval_every": 1, "save_every": 20,
+        "max_prompt_length": 1024, "max_response_length": 2048,
+        # the reference packs samples into 4096-token rows and trains one row per micro-batch
+        "sequence_packing": True, "packing_max_tokens": 4096, "micro_batch_size": 1,
+        "eval_every": 1, "save_every": 20,
     },
 }
 
@@ -503,16 +506,36 @@ def _validate_layout(cfg: CookbookConfig) -> None:
         raise ConfigError(
             f"parallel.tensor={p.tensor} with MoE requires parallel.sequence_parallel=true (Megatron-Core)")
     _validate_pipeline_split(m, p)
-    # Settings the engine does not honour yet are refused, never silently ignored.
-    if p.context > 1:
+    _validate_packing(cfg)
+
+
+def packing_alignment(tensor: int, context: int) -> tuple[int, int]:
+    """(sample multiple, row multiple) of packed rows: each sample padded to a multiple of 2 x context (1 without
+    CP), each row to a multiple of lcm(2 x context, context x tensor) (``cookbook.grpo.packing.alignment``)."""
+    sample = 2 * context if context > 1 else 1
+    return sample, math.lcm(sample, context * tensor)
+
+
+def _validate_packing(cfg: CookbookConfig) -> None:
+    p, g = cfg.parallel, cfg.grpo
+    if p.context > 1 and not g.sequence_packing:
         raise ConfigError(
-            f"parallel.context={p.context} is not supported yet: Megatron-Core's context parallelism needs Transformer "
-            "Engine's attention, and the project's MLA core attention does not split sequences yet; set "
-            "parallel.context=1 (the Moonlight reference's CP=2 gives the same results as CP=1, only faster)")
-    if cfg.grpo.sequence_packing:
+            f"parallel.context={p.context} needs grpo.sequence_packing=true: context parallelism in the project's "
+            "MLA attention splits packed rows over the CP ranks; set grpo.sequence_packing=true or parallel.context=1")
+    if not g.sequence_packing:
+        return
+    _require(g.packing_max_tokens >= 1, "grpo.packing_max_tokens", g.packing_max_tokens, "must be >= 1")
+    _, row = packing_alignment(p.tensor, p.context)
+    if g.packing_max_tokens % row:
+        lower, upper = g.packing_max_tokens // row * row, (g.packing_max_tokens // row + 1) * row
+        contexts = [c for c in (1, 2, 4, 8, 16) if g.packing_max_tokens % packing_alignment(p.tensor, c)[1] == 0]
         raise ConfigError(
-            "grpo.sequence_packing=true is not supported yet: the trainer pads each sample to the longest in its "
-            "micro-batch; set grpo.sequence_packing=false (packing changes speed, not results)")
+            f"grpo.packing_max_tokens={g.packing_max_tokens} does not split over parallel.context={p.context} x "
+            f"parallel.tensor={p.tensor}: a packed row must be a multiple of {row} = lcm(2 x context, context x tensor) "
+            f"(each CP rank holds 2 chunks of every sample, its share splits over TP); use "
+            f"{', '.join(str(v) for v in (lower, upper) if v > 0)}, or parallel.context in {contexts}")
+    _require(g.loss_aggregation == "token_mean", "grpo.loss_aggregation", g.loss_aggregation,
+             "with grpo.sequence_packing=true only token_mean (the reference's) is supported")
 
 
 def pipeline_stage_layers(num_layers: int, pipeline: int, first: Optional[int], last: Optional[int]) -> list[int]:

@@ -5,6 +5,12 @@ Megatron-Core's local ``DotProductAttention`` rejects MLA's different key and va
 is not available on CPU, so the layer spec puts this module in its place. On CPU it is torch's
 ``scaled_dot_product_attention``; on GPU, when ``grpo.use_fused_kernels`` is set, it calls the project's
 fused Triton kernel ``kernels.mla_attention.mla_attention`` (varlen layout, causal).
+
+Packed sequences (``thd``, ``grpo.sequence_packing``) attend within their own segment of ``cu_seqlens``
+(the padded boundaries when given: every sample's padding sits at its end). Context parallelism (CP > 1) needs
+them: each CP rank holds two chunks of every segment and gathers the keys and values of the rest
+(``cookbook.megatron.context_parallel``; SDPA with an explicit causal mask there, also on GPU, because the
+fused varlen kernel takes the same segments for queries and keys).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from cookbook.megatron.context_parallel import context_parallel_group, packed_cp_attention
 
 
 def load_fused_kernel() -> Optional[Callable]:
@@ -48,10 +56,7 @@ class MLACoreAttention(MegatronModule):
         use_fused_kernel: bool = False,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise NotImplementedError(
-                f"context_parallel_size={config.context_parallel_size}: MLACoreAttention has no context "
-                "parallelism yet; set parallel.context=1")
+        self.cp_group = context_parallel_group(pg_collection) if config.context_parallel_size > 1 else None
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.k_channels = k_channels
@@ -66,7 +71,16 @@ class MLACoreAttention(MegatronModule):
             raise NotImplementedError("MLACoreAttention does not take an attention bias")
         dropout = self.dropout_p if self.training else 0.0
         if packed_seq_params is not None:
-            return self._packed(query, key, value, packed_seq_params.cu_seqlens_q, dropout)
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+            if self.cp_group is not None and self.cp_group.size() > 1:
+                if query.dim() == 4:
+                    query, key, value = (x.squeeze(1) for x in (query, key, value))
+                return packed_cp_attention(query, key, value, cu, self.cp_group, self.softmax_scale, dropout)
+            return self._packed(query, key, value, cu, dropout)
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            raise NotImplementedError("context parallelism needs packed sequences (grpo.sequence_packing=true): "
+                                      "the project's MLA attention splits packed segments over the CP ranks")
         s, b, h, _ = query.shape
         if self.fused_kernel is not None and attention_mask is None and dropout == 0.0:
             cu = torch.arange(0, (b + 1) * s, s, device=query.device, dtype=torch.int32)
