@@ -59,6 +59,9 @@ def quiet_libraries(run_dir: str | os.PathLike, name: str = "driver") -> Path:
         warnings_logger.removeHandler(old)
     warnings_logger.addHandler(handler)
     warnings_logger.propagate = False
+    root = logging.getLogger()
+    if handler not in root.handlers:  # what reaches the root (a logger without handlers of its own) goes there too
+        root.addHandler(handler)
     return path
 
 
@@ -72,3 +75,15 @@ def _file_handler(path: Path) -> logging.Handler:
         handler._cookbook = True  # type: ignore[attr-defined]
         _HANDLERS[path] = handler
     return _HANDLERS[path]
+
+
+def logged(cls: type, run_dir: str | os.PathLike, name: str) -> type:
+    """``cls`` for a Ray actor whose process output goes to ``<run>/logs/<name>.log`` from its first line."""
+
+    class Logged(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            redirect_process_output(run_dir, name)
+            super().__init__(*args, **kwargs)
+
+    Logged.__name__ = Logged.__qualname__ = cls.__name__
+    return Logged

@@ -2,11 +2,12 @@
 
 Colocated (the reference's choice): every GPU bundle hosts one trainer rank and one rollout worker,
 each taking half a GPU, and the phases take turns (weights/optimizer offloaded in between on GPU).
-Split: the first GPUs train, the rest generate. On CPU there is one trainer and one rollout actor,
-each with one CPU: the same code path, two processes.
+Split: the first GPUs train, the rest generate. On CPU each trainer rank and the rollout engine get one
+(logical) CPU each: the same code path, ``world + 1`` processes.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,10 +30,11 @@ class Placement:
 def plan_placement(cfg: CookbookConfig, cpus_per_actor: int = 1) -> Placement:
     """Resource plan for ``cfg.parallel`` (pure: no Ray calls, so it is testable anywhere)."""
     p = cfg.parallel
-    if p.gpus_per_node == 0:
-        bundles = [{"CPU": float(cpus_per_actor)}, {"CPU": float(cpus_per_actor)}]
-        return Placement(bundles, [0], [1], {"num_cpus": cpus_per_actor}, {"num_cpus": cpus_per_actor}, "PACK")
     world = cfg.world_size
+    if p.gpus_per_node == 0:
+        bundles = [{"CPU": float(cpus_per_actor)} for _ in range(world + 1)]
+        return Placement(bundles, list(range(world)), [world], {"num_cpus": cpus_per_actor},
+                         {"num_cpus": cpus_per_actor}, "PACK")
     bundles = [{"GPU": 1.0, "CPU": float(cpus_per_actor)} for _ in range(world)]
     if p.colocate:
         share = {"num_gpus": 0.5, "num_cpus": cpus_per_actor / 2}
@@ -47,18 +49,24 @@ def init_ray(cfg: CookbookConfig, address: Optional[str] = None) -> Any:
     """Join the cluster at ``address``/``RAY_ADDRESS`` (multi-node), or start a local Ray instance."""
     import ray
 
+    from cookbook.logs import quiet_libraries
+
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}}
-    # The actors write their own logs into the run folder (cookbook.logs); Ray only reports warnings here.
+    # The actors write their own logs into the run folder (cookbook.logs), and so does the driver's Ray logger:
+    # without its own handlers during init (configure_logging=False clears them) it passes records to the root.
     quiet = {"log_to_driver": False, "configure_logging": False}
+    quiet_libraries(cfg.run_dir)
+    logging.getLogger("ray").propagate = True
     if address:
         ray.init(address=address, runtime_env=env, **quiet)
     else:
-        cpus = max(2, os.cpu_count() or 2) if cfg.parallel.gpus_per_node == 0 else None
+        cpus = max(os.cpu_count() or 2, cfg.world_size + 1) if cfg.parallel.gpus_per_node == 0 else None
         ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, **quiet,
                  object_store_memory=512 * 2**20 if cfg.parallel.gpus_per_node == 0 else None)
+    quiet_libraries(cfg.run_dir)
     return ray
 
 

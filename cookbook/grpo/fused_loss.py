@@ -4,8 +4,9 @@ states and the output layer's weight, without ever holding ``[tokens, vocab]`` l
 At Moonlight's vocabulary (163840) a 16k-token micro-batch has 5 GiB of bf16 logits, and the unfused
 fp32 log-softmax plus its backward need about 30 GiB more; ``kernels.grpo_loss.fused_linear_grpo_loss``
 needs about 2 GiB (BENCHMARKS.md). Megatron's GPTModel applies its output layer inside ``forward``, so
-``hidden_states_instead_of_logits`` makes that layer hand back its input for one call; the kernel then
-does the output projection, log-probs, entropy, loss and both gradients. The metrics are the same as the
+``hidden_states_instead_of_logits`` makes that layer hand back its input for one call (the parallel step does
+this on the last pipeline stage when the switch is on); the kernel then does the output projection,
+log-probs, entropy, loss and both gradients. The metrics are the same as the
 unfused path's (``algorithm.policy_loss`` run on the kernel's detached log-probs).
 """
 from __future__ import annotations
@@ -60,19 +61,16 @@ def hidden_states_instead_of_logits(model: torch.nn.Module) -> Iterator[_Capture
         del layer.forward  # back to the class's forward
 
 
-def fused_policy_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                      cfg: CookbookConfig, normalizer: float, ref_logp: Optional[torch.Tensor] = None,
-                      is_weights: Optional[torch.Tensor] = None) -> A.LossOutput:
-    """The GRPO loss of one micro-batch through the fused kernel; same arguments and result as
-    ``algorithm.policy_loss`` (``[B, T-1]`` tensors aligned with ``input_ids[:, 1:]``, advantages ``[B]``)."""
+def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, old_logp: torch.Tensor,
+                      advantages: torch.Tensor, mask: torch.Tensor, *, g, normalizer: float,
+                      ref_logp: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None
+                      ) -> A.LossOutput:
+    """The GRPO loss of one micro-batch through the fused kernel, from the final hidden states ``[B, T, H]``
+    and the output weight (``hidden_states_instead_of_logits``); the other arguments and the result are those
+    of ``algorithm.policy_loss`` (``[B, T-1]`` tensors aligned with ``input_ids[:, 1:]``, advantages ``[B]``),
+    with ``g`` the ``GRPOConfig``."""
     from kernels.grpo_loss import fused_linear_grpo_loss
 
-    from cookbook.megatron.model import forward_logits
-
-    g = cfg.grpo
-    with hidden_states_instead_of_logits(model) as captured:
-        hidden = forward_logits(model, input_ids, position_ids)
     tokens = hidden[:, :-1]
     mask = mask.bool()
     per_token_adv = advantages.to(torch.float32).unsqueeze(-1).expand_as(old_logp)
@@ -82,7 +80,7 @@ def fused_policy_loss(model: torch.nn.Module, input_ids: torch.Tensor, position_
 
     settings = A.loss_settings(g)
     loss, logp, entropy = fused_linear_grpo_loss(
-        tokens.reshape(-1, tokens.shape[-1]), captured.weight, flat(input_ids[:, 1:]), flat(old_logp),
+        tokens.reshape(-1, tokens.shape[-1]), weight, flat(input_ids[:, 1:]), flat(old_logp),
         flat(per_token_adv), flat(mask), temperature=g.temperature, normalizer=normalizer,
         ref_logp=flat(ref_logp), is_weights=flat(is_weights), **settings)
     with torch.no_grad():  # the metrics of the unfused path, from the kernel's log-probs

@@ -2,10 +2,12 @@
 (Megatron-Core) -> weight sync, with evaluation, metrics, checkpoints and exact resume.
 
 This module owns the loop and is where the trainer and the generator meet; it talks to them only
-through their worker methods, each running in its own Ray actor.
+through their worker methods: the trainer group's ranks (``cookbook.grpo.trainer``, one Ray actor each, every
+call collective) and the rollout engine (``cookbook.rollout.engine``).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,10 @@ from cookbook.config import CookbookConfig
 from cookbook.data.preprocess import read_records
 from cookbook.data.reward import score_batch
 from cookbook.grpo.algorithm import group_advantages
-from cookbook.grpo.checkpoint import latest_checkpoint
+from cookbook.grpo.checkpoint import check_architecture, resume_point
 from cookbook.grpo.prompts import PromptStream, step_seed
 from cookbook.grpo.tracking import MetricsTracker
+from cookbook.grpo.trainer import trainer_model_config
 
 
 @dataclass
@@ -84,6 +87,20 @@ def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfi
     return samples, rewards, metrics
 
 
+def export_hf(cfg: CookbookConfig, staging: Path) -> Path:
+    """The trained policy's torch_dist save as an HF directory, through notebook 20's exporter."""
+    import shutil
+
+    from cookbook.convert.mcore_to_hf import mcore_to_hf
+    from cookbook.models.tiny import resolve_hf_dir
+
+    try:
+        return mcore_to_hf(cfg, staging, cfg.run_dir / "hf_export", tokenizer_dir=resolve_hf_dir(cfg), overwrite=True,
+                           progress=False)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] = None,
           on_step: Optional[Callable[[int, dict[str, Any]], None]] = None) -> TrainResult:
     """Run (or resume) GRPO for ``cfg.grpo.steps`` steps in ``cfg.run_dir``.
@@ -104,16 +121,23 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
         test_records = test_records[:cfg.data.max_test_examples]
     stream = PromptStream(train_records, g.prompts_per_step, cfg.seed)
 
+    resume = resume_point(cfg.run_dir)
+    for path, reason in resume.skipped:  # a damaged checkpoint is named and passed over, never loaded
+        print(f"resume: skipping damaged checkpoint {path}: {reason}", file=sys.stderr)
+    if resume.path is not None:  # a checkpoint of another model stops here, before any work
+        check_architecture(resume.path, trainer_model_config(cfg))
+
     workers = start_workers(cfg)
     trainer, rollout = workers.trainer, workers.rollout
-    start = 0
-    resume = latest_checkpoint(cfg.run_dir)
-    if resume is not None:
-        start, path = resume
-        loop_state = ray.get(trainer.load_checkpoint.remote(str(path)))
+    bucket_bytes = cfg.parallel.weight_sync_bucket_mb << 20
+    start, resumed = 0, {}
+    if resume.path is not None:
+        start = resume.step
+        loop_state = trainer.call("load_checkpoint", str(resume.path))
         stream.load_state_dict(loop_state["prompts"])
-        ray.get(rollout.update_weights.remote(trainer.export_hf_weights.remote()))
-    tracker = MetricsTracker(cfg, resume_step=start if resume else None)
+        trainer.call("sync_weights", rollout, bucket_bytes)
+        resumed = {"resume/from_step": start, "resume/skipped_damaged": len(resume.skipped)}
+    tracker = MetricsTracker(cfg, resume_step=start if resume.path is not None else None)
     history: list[dict[str, Any]] = []
     try:
         if start == 0 and g.eval_every:
@@ -131,17 +155,19 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             advantages = group_advantages(rewards, g.samples_per_prompt, method=g.advantage, eps=g.advantage_eps)
 
             t0 = time.perf_counter()
-            batch = {"prompt_ids": [s.prompt_ids for s in samples],
-                     "response_ids": [s.response_ids for s in samples],
-                     "rollout_logp": [s.logprobs for s in samples],
-                     "advantages": [float(a) for a in advantages]}
-            metrics.update(ray.get(trainer.train_step.remote(batch, step)))
+            batch = ray.put({"prompt_ids": [s.prompt_ids for s in samples],
+                             "response_ids": [s.response_ids for s in samples],
+                             "rollout_logp": [s.logprobs for s in samples],
+                             "advantages": [float(a) for a in advantages]})
+            metrics.update(trainer.call("train_step", batch, step))
             metrics["time/train"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            sync = ray.get(rollout.update_weights.remote(trainer.export_hf_weights.remote()))
+            sync = trainer.call("sync_weights", rollout, bucket_bytes)
             metrics["time/sync"] = time.perf_counter() - t0
             metrics.update({f"sync/{k}": v for k, v in sync.items()})
+            metrics.update(resumed)
+            resumed = {}
 
             if g.eval_every and step % g.eval_every == 0:
                 t0 = time.perf_counter()
@@ -154,12 +180,19 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             if on_step is not None:
                 on_step(step, metrics)
             if (g.save_every and step % g.save_every == 0) or step == last:
-                ray.get(trainer.save_checkpoint.remote(str(cfg.run_dir), step, {"prompts": stream.state_dict()}))
+                trainer.call("save_checkpoint", str(cfg.run_dir), step, {"prompts": stream.state_dict()},
+                             g.keep_checkpoints)
         done = last
         hf_export = None
         if done == g.steps:
-            hf_export = Path(ray.get(trainer.export_hf_checkpoint.remote(str(cfg.run_dir / "hf_export"))))
+            staging = cfg.run_dir / "hf_export.mcore"
+            trainer.call("save_model", str(staging))
+    except BaseException:
+        print(f"training stopped; the libraries' output is in {cfg.run_dir / 'logs'}", file=sys.stderr)
+        raise
     finally:
         tracker.close()
         workers.shutdown()
+    if done == g.steps:
+        hf_export = export_hf(cfg, staging)
     return TrainResult(cfg.run_dir, done, hf_export, history)

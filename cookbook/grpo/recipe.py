@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cookbook.analysis.metrics import read_metrics, series
 from cookbook.config import CookbookConfig
-from cookbook.grpo.checkpoint import latest_checkpoint
+from cookbook.grpo.checkpoint import resume_point
 from cookbook.rundir import mcore_dir
 
 RECIPE_KEYS = (
@@ -42,15 +42,17 @@ def check_inputs(cfg: CookbookConfig):
     data = prepare_data(cfg)
     hf_dir = resolve_hf_dir(cfg)
     mcore = mcore_dir(cfg)
-    resume = latest_checkpoint(cfg.run_dir)
+    resume = resume_point(cfg.run_dir)
     rows = [
         {"input": "data", "where": str(data.out_dir), "state": f"{data.counts['train']} train / {data.counts['test']} test"},
         {"input": "policy (HF)", "where": str(hf_dir), "state": "ok"},
         {"input": "policy (Megatron-Core)", "where": str(mcore),
          "state": "ready (from notebook 20)" if mcore.is_dir() else "missing: converted when training starts"},
-        {"input": "resume from", "where": str(resume[1]) if resume else "-",
-         "state": f"step {resume[0]}" if resume else "fresh start"},
+        {"input": "resume from", "where": str(resume.path) if resume.path else "-",
+         "state": f"step {resume.step}" if resume.path else "fresh start"},
     ]
+    rows += [{"input": "damaged checkpoint (skipped)", "where": str(path), "state": reason}
+             for path, reason in resume.skipped]
     return pd.DataFrame(rows).set_index("input")
 
 

@@ -1,17 +1,17 @@
-"""Start the trainer and rollout workers as Ray actors placed by cookbook.cluster."""
+"""Start the trainer group and the rollout engine as Ray actors placed by cookbook.cluster."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from cookbook.cluster.group import TrainerGroup, start_trainer_group
 from cookbook.cluster.placement import actor_options, create_placement_group, init_ray, plan_placement
 from cookbook.config import CookbookConfig
 
 
 @dataclass
 class Workers:
-    trainer: Any
+    trainer: TrainerGroup
     rollout: Any
     placement_group: Any
 
@@ -19,49 +19,45 @@ class Workers:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for actor in (self.rollout, self.trainer):
-            try:
-                ray.get(actor.shutdown.remote(), timeout=60)
-            except Exception:  # an actor that already died has nothing to release
-                pass
-            ray.kill(actor)
+        try:
+            ray.get([self.rollout.shutdown.remote()] + [a.shutdown.remote() for a in self.trainer.actors], timeout=60)
+        except Exception:  # an actor that already died has nothing to release
+            pass
+        ray.kill(self.rollout)
+        self.trainer.kill()
         remove_placement_group(self.placement_group)
         ray.shutdown()  # a local Ray started by init_ray goes with the run; a cluster connection is just closed
 
 
-def start_workers(cfg: CookbookConfig) -> Workers:
-    """One trainer and one rollout actor (CPU), placed as the parallel config says.
+def _ensure_converted(cfg: CookbookConfig, hf_dir: str) -> str:
+    """The converted Megatron checkpoint of the initial policy (notebook 20); converted here when missing."""
+    from cookbook.convert.pipeline import convert
+    from cookbook.rundir import mcore_dir
 
-    Multi-rank trainer groups (TP/PP/EP > 1 on GPUs) use the same actor class with a rank each; the
-    tiny preset needs one of each.
-    """
+    mcore = mcore_dir(cfg)
+    if not mcore.is_dir():
+        convert(cfg, "hf_to_mcore", hf_dir, mcore, part=(0, 1), progress=False)
+    return str(mcore)
+
+
+def start_workers(cfg: CookbookConfig) -> Workers:
+    """The trainer group (one actor per rank of the layout) and one rollout engine, placed as the parallel
+    config says; the policy is converted to Megatron-Core first if notebook 20 has not done it."""
     import ray
 
-    from cookbook.grpo.policy import PolicyTrainer
+    from cookbook.logs import logged
+    from cookbook.models.hf_config import read_hf_config
     from cookbook.models.tiny import resolve_hf_dir
     from cookbook.rollout.engine import RolloutWorker
 
     init_ray(cfg)
     hf_dir = str(resolve_hf_dir(cfg))
+    mcore = ray.get(ray.remote(num_cpus=1)(_ensure_converted).remote(cfg, hf_dir))  # its own process
     plan = plan_placement(cfg)
     pg = create_placement_group(plan)
-    trainer = ray.remote(logged(PolicyTrainer, cfg.run_dir, "trainer")).options(
-        **actor_options(plan, pg, "trainer", 0)).remote(cfg, hf_dir)
     rollout = ray.remote(logged(RolloutWorker, cfg.run_dir, "rollout")).options(
         **actor_options(plan, pg, "rollout", 0)).remote(hf_dir, cfg)
-    ray.get([trainer.ready.remote(), rollout.ready.remote()])
+    pad_id = int(read_hf_config(hf_dir).get("pad_token_id") or 0)
+    trainer = start_trainer_group(cfg, plan, pg, mcore, pad_id)
+    ray.get(rollout.ready.remote())
     return Workers(trainer, rollout, pg)
-
-
-def logged(cls: type, run_dir: Path, name: str) -> type:
-    """``cls`` for a Ray actor whose process output goes to ``<run>/logs/<name>.log`` from its first line."""
-
-    class Logged(cls):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs):
-            from cookbook.logs import redirect_process_output
-
-            redirect_process_output(run_dir, name)
-            super().__init__(*args, **kwargs)
-
-    Logged.__name__ = Logged.__qualname__ = cls.__name__
-    return Logged

@@ -1,9 +1,8 @@
 """The layout-aware pieces of training one Megatron-Core model under any TP / EP / PP / DP layout.
 
-``PolicyTrainer`` (one process) uses plain torch: full logits, ``clip_grad_norm_``, ``state_dict()``.
-Under a parallel layout each of those changes meaning, and this module gives the version that is right
-for every layout, TP = EP = PP = 1 included, so one code path can serve both (the trainer actor does not
-use it yet; README, "What does not run here"):
+Plain torch would take full logits, ``clip_grad_norm_`` and ``state_dict()``; under a parallel layout each of
+those changes meaning, and this module gives the version that is right for every layout, TP = EP = PP = 1
+included, so the trainer group (``cookbook.grpo.trainer``) has one code path for one rank and for many:
 
 - log-probs and entropy from vocab-parallel logits (each TP rank holds ``vocab / TP`` columns);
 - the data-parallel shard of a global batch (EP ranks are DP ranks for the dense layers);
@@ -11,7 +10,8 @@ use it yet; README, "What does not run here"):
   optimizers, whose DDP hard-codes CUDA): sequence-parallel norms and router over TP, dense parameters
   over DP, routed experts over expert-DP;
 - the global gradient norm (each parameter counted once, whatever its sharding) and clipping;
-- the full, single-process-named tensors of a sharded model, for the HF weight sync and for checks.
+- the full, single-process-named tensors of a sharded model, for checks, and in buckets of whole layers
+  gathered on one rank for the HF weight sync (peak memory one bucket, not the model).
 """
 from __future__ import annotations
 
@@ -218,16 +218,19 @@ def _join_shards(shards: list[torch.Tensor], dim: int, glu: bool) -> torch.Tenso
     return torch.cat(shards, dim=dim)
 
 
-def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer (or, with ``grads``, every parameter's gradient) of a model built under
-    any layout, as full CPU tensors named as in the single-process model, on every rank.
+def _group_of(name: str) -> str:
+    """Which transfer group a global tensor name belongs to: a decoder layer, or the embedding / the head."""
+    layer = _LAYER.match(name)
+    if layer:
+        return f"layer.{int(layer.group(1)):06d}"
+    return "0.embedding" if name.startswith("embedding") else "z.head"
 
-    Each tensor is contributed once: TP shards by every TP rank of its group (expert TP for experts) and
-    joined along their partition dimension (a gated fc1 as gates then ups), replicated tensors by rank 0
-    of their TP group and their DP (or expert-DP) group; pipeline stages and EP ranks each add what they
-    hold. Everything travels through one ``all_gather_object``: fine for the presets trained here; the
-    real-size models need a per-layer stream instead.
-    """
+
+def _contributions(model: torch.nn.Module, grads: bool, groups: Optional[set[str]] = None
+                   ) -> Iterator[tuple[str, int, int, bool, torch.Tensor]]:
+    """What this rank contributes to the full tensors: (global name, shard rank, partition dim, gated fc1,
+    local tensor), only for ``groups`` when given. TP shards come from every TP rank of their group (expert TP
+    for experts), replicated tensors from rank 0 of their TP group and of their DP (or expert-DP) group."""
     ps = parallel_state()
     tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     dp_rank, edp_rank = ps.get_data_parallel_rank(with_context_parallel=True), ps.get_expert_data_parallel_rank()
@@ -236,10 +239,11 @@ def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str
     expert_offset = ps.get_expert_model_parallel_rank() * num_local_experts
     layer_numbers = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
     params = dict(model.named_parameters())
-
-    mine: dict[str, tuple[int, int, bool, torch.Tensor]] = {}  # name -> (shard rank, dim, glu, data)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
+            continue
+        global_name = _global_name(name, layer_numbers, expert_offset)
+        if groups is not None and _group_of(global_name) not in groups:
             continue
         param = params.get(name)
         if grads:
@@ -252,11 +256,17 @@ def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str
         if (not sharded and (etp_rank if expert else tp_rank) != 0) or (edp_rank if expert else dp_rank) != 0:
             continue
         dim = getattr(param, "partition_dim", 0) if sharded else 0
-        mine[_global_name(name, layer_numbers, expert_offset)] = (
-            shard_rank, dim, _is_glu_fc1(name, model), tensor.detach().cpu().clone())
+        yield global_name, shard_rank, dim, _is_glu_fc1(name, model), tensor.detach()
 
-    everyone: list[dict] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+
+def _local_pieces(model: torch.nn.Module, grads: bool, groups: Optional[set[str]] = None
+                  ) -> dict[str, tuple[int, int, bool, torch.Tensor]]:
+    """``_contributions`` as CPU copies, ready to send: global name -> (shard rank, dim, glu, data)."""
+    return {name: (shard, dim, glu, t.cpu().clone()) for name, shard, dim, glu, t in
+            _contributions(model, grads, groups)}
+
+
+def _join_pieces(everyone: list[dict]) -> dict[str, torch.Tensor]:
     pieces: dict[str, dict[int, tuple[int, bool, torch.Tensor]]] = {}
     for rank_pieces in everyone:
         for name, (shard_rank, dim, glu, data) in rank_pieces.items():
@@ -270,6 +280,53 @@ def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str
     return dict(sorted(full.items(), key=lambda kv: _sort_key(kv[0])))
 
 
+def gather_full_tensors(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (or, with ``grads``, every parameter's gradient) of a model built under
+    any layout, as full CPU tensors named as in the single-process model, on every rank (for checks and
+    small models; the weight sync streams ``iter_full_tensor_buckets`` instead).
+
+    Each tensor is contributed once (``_local_pieces``) and TP shards are joined along their partition
+    dimension (a gated fc1 as gates then ups); pipeline stages and EP ranks each add what they hold."""
+    everyone: list[dict] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, _local_pieces(model, grads))
+    return _join_pieces(everyone)
+
+
+def plan_buckets(model: torch.nn.Module, bucket_bytes: int) -> list[list[str]]:
+    """Transfer groups (the embedding, each decoder layer, the head; never split, so that a receiver loads
+    whole layers) packed in order into buckets of at most ``bucket_bytes`` (a larger group goes alone).
+    Collective: the full size of every group comes from one small gather of each rank's share."""
+    sizes: dict[str, int] = {}
+    for name, _, _, _, t in _contributions(model, grads=False):
+        sizes[_group_of(name)] = sizes.get(_group_of(name), 0) + t.numel() * t.element_size()
+    everyone: list[dict] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, sizes)
+    total: dict[str, int] = {}
+    for rank_sizes in everyone:
+        for group, nbytes in rank_sizes.items():
+            total[group] = total.get(group, 0) + nbytes
+    buckets: list[list[str]] = []
+    filled = 0
+    for group in sorted(total):
+        if not buckets or filled + total[group] > bucket_bytes:
+            buckets.append([])
+            filled = 0
+        buckets[-1].append(group)
+        filled += total[group]
+    return buckets
+
+
+def iter_full_tensor_buckets(model: torch.nn.Module, bucket_bytes: int, dst: int = 0
+                             ) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's full tensors (single-process names) one bucket at a time, gathered on global rank ``dst``
+    (other ranks get empty dicts and must iterate in step: every bucket is a collective). Peak extra memory on
+    ``dst`` is one bucket (or the largest layer), not the model."""
+    for groups in plan_buckets(model, bucket_bytes):
+        everyone: Optional[list[dict]] = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+        dist.gather_object(_local_pieces(model, grads=False, groups=set(groups)), everyone, dst=dst)
+        yield _join_pieces(everyone) if everyone is not None else {}
+
+
 def _sort_key(name: str) -> tuple:
     layer = _LAYER.match(name)
     expert = _EXPERT.search(name)
@@ -278,8 +335,16 @@ def _sort_key(name: str) -> tuple:
 
 
 def gather_hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """HF-named full weights of a model trained under any layout (the rollout engine's weight sync),
-    through the one name table ``cookbook.convert.names``; on every rank."""
+    """HF-named full weights of a model trained under any layout, through the one name table
+    ``cookbook.convert.names``; on every rank (checks; the sync uses ``iter_hf_buckets``)."""
     from cookbook.convert.names import megatron_to_hf_tensors
 
     return {name: t.contiguous() for name, t in megatron_to_hf_tensors(gather_full_tensors(model).items())}
+
+
+def iter_hf_buckets(model: torch.nn.Module, bucket_bytes: int, dst: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """``iter_full_tensor_buckets`` with HF names (``cookbook.convert.names``): the rollout engine's weight sync."""
+    from cookbook.convert.names import megatron_to_hf_tensors
+
+    for bucket in iter_full_tensor_buckets(model, bucket_bytes, dst):
+        yield {name: t.contiguous() for name, t in megatron_to_hf_tensors(bucket.items())}

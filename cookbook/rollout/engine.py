@@ -3,7 +3,8 @@
 Prompts are tokenized here with the model's chat template (the trainer sees exactly these ids), and
 each sample carries the log-prob vLLM assigned to every generated token, so the trainer can measure
 the rollout-vs-trainer mismatch. New weights arrive every step by name (HF names) without a
-checkpoint on disk.
+checkpoint on disk, in buckets of whole layers (``begin_weight_update``, ``load_weight_bucket``,
+``finish_weight_update``).
 """
 from __future__ import annotations
 
@@ -111,24 +112,40 @@ class RolloutWorker:
         return [[float(step[tok].logprob) for step, tok in zip(o.prompt_logprobs[1:], ids[1:])]
                 for o, ids in zip(outs, token_ids)]
 
-    def update_weights(self, named_tensors: Union[dict[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
-                       ) -> dict[str, float]:
-        """Load HF-named weights into the engine through a shared-memory file; returns timing for the log."""
-        from safetensors.torch import save_file
+    def begin_weight_update(self) -> None:
+        self.llm.collective_rpc("cookbook_begin_update")
 
-        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
-        tensors = {name: t.detach().contiguous() for name, t in items}
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        t0 = time.perf_counter()
-        save_file(tensors, str(self._sync_file))
-        t1 = time.perf_counter()
+    def load_weight_bucket(self, data: bytes) -> int:
+        """One bucket of HF-named weights (whole layers) as safetensors bytes; returns how many tensors.
+        Bytes travel through Ray's object store, so the trainer rank that sends them may live on another node;
+        vLLM's RPC cannot take tensors, so they reach its worker as a file in shared memory."""
+        self._sync_file.write_bytes(data)
         try:
-            self.llm.collective_rpc("cookbook_load_weights", args=(str(self._sync_file),))
+            return self.llm.collective_rpc("cookbook_load_bucket", args=(str(self._sync_file),))[0]
         finally:
             self._sync_file.unlink(missing_ok=True)
-        t2 = time.perf_counter()
-        return {"bytes": float(nbytes), "write_s": t1 - t0, "load_s": t2 - t1, "seconds": t2 - t0,
-                "gb_per_s": nbytes / max(t2 - t0, 1e-9) / 1e9}
+
+    def finish_weight_update(self) -> None:
+        """Refuse an update that left a weight stale; redo the CPU MoE packing once for all layers."""
+        self.llm.collective_rpc("cookbook_finish_update")
+
+    def update_weights(self, buckets: Union[dict[str, torch.Tensor], Iterable[dict[str, torch.Tensor]]]
+                       ) -> dict[str, float]:
+        """Load HF-named weights from this process (one dict, or an iterable of bucket dicts); returns timing."""
+        from safetensors.torch import save
+
+        t0 = time.perf_counter()
+        nbytes, count = 0, 0
+        self.begin_weight_update()
+        for bucket in [buckets] if isinstance(buckets, dict) else buckets:
+            tensors = {name: t.detach().contiguous() for name, t in bucket.items()}
+            nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            self.load_weight_bucket(save(tensors))
+            count += 1
+        self.finish_weight_update()
+        seconds = time.perf_counter() - t0
+        return {"bytes": float(nbytes), "buckets": float(count), "seconds": seconds,
+                "gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}
 
     def shutdown(self) -> None:
         self._sync_file.unlink(missing_ok=True)

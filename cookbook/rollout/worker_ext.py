@@ -3,11 +3,13 @@
 Weights arrive as a safetensors file (in /dev/shm: memory, not disk) because vLLM's RPC cannot pickle
 tensors; ``reload_weights`` loads them in place, then the CPU MoE pre-pack is redone where needed.
 
-vLLM's reload warns, at every sync, that MLA's ``W_UV`` / ``W_UK_T`` "were not loaded from checkpoint" and
-that ``RotaryEmbedding`` "failed to load weights". Both are expected: the absorbed ``W_UV`` / ``W_UK_T`` are
-recomputed from the new ``kv_b_proj`` after loading, and the rotary cos/sin cache comes from the config, not
-from weights (tests/integration/test_rollout_vllm.py checks decode log-probs against HF after a sync). Any
-other weight or layer left out is a broken sync and raises here.
+Weights come in buckets of whole decoder layers (``cookbook.megatron.parallel.iter_hf_buckets``), so the
+memory a sync needs is one bucket, not the model. vLLM's reload of a bucket warns that every weight outside it
+"was not loaded from checkpoint" and that layers outside it "failed to load weights" (it keeps their current
+values); after the last bucket, only MLA's ``W_UV`` / ``W_UK_T`` and the rotary cos/sin cache remain unloaded,
+and both are expected: the absorbed matrices are recomputed from the new ``kv_b_proj`` after every load, the
+rotary cache comes from the config (tests/integration/test_rollout_vllm.py checks decode log-probs against HF
+after a sync). A weight that no bucket loaded means a broken sync and raises here.
 
 The engine also reports which attention backends its layers were built with (``cookbook.rollout.backends``).
 """
@@ -16,37 +18,35 @@ from __future__ import annotations
 import logging
 
 DERIVED_WEIGHTS = ("W_UV", "W_UK_T")  # MLA's absorbed matrices, recomputed from kv_b_proj after every load
-WEIGHTLESS_LAYERS = ("RotaryEmbedding",)  # buffers computed from the config
-RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",
-                  "vllm.model_executor.model_loader.reload.layerwise")
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.inplace",)
 
 
 class _ReloadWarnings(logging.Handler):
-    """Collects what vLLM's reload reports as not loaded (its log records carry the names as arguments)."""
+    """Collects the weights vLLM's reload reports as not loaded (its log record carries the names)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
         self.weights: set[str] = set()
-        self.layers: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         if "not loaded from checkpoint" in record.msg:
             self.weights |= set(record.args[0])
-        elif "Failed to load weights" in record.msg:
-            self.layers.add(str(record.args[0]))
 
 
-def unexpected_unloaded(weights: set[str], layers: set[str]) -> list[str]:
-    """The names a sync left stale that are not derived or weightless (empty for a complete sync)."""
-    return sorted({w for w in weights if w.rsplit(".", 1)[-1] not in DERIVED_WEIGHTS} |
-                  {f"layer {name}" for name in layers if name not in WEIGHTLESS_LAYERS})
+def unexpected_unloaded(weights: set[str]) -> list[str]:
+    """The names a sync left stale that are not derived from other weights (empty for a complete sync)."""
+    return sorted(w for w in weights if w.rsplit(".", 1)[-1] not in DERIVED_WEIGHTS)
 
 
 class WeightSyncExtension:
-    def cookbook_load_weights(self, path: str) -> int:
-        from safetensors.torch import load_file
+    """A weight update is ``cookbook_begin_update``, one ``cookbook_load_bucket`` per bucket of whole layers,
+    then ``cookbook_finish_update``, which refuses an update that left a weight stale."""
 
-        from cookbook.rollout import compat
+    def cookbook_begin_update(self) -> None:
+        self._cookbook_unloaded: set[str] | None = None
+
+    def cookbook_load_bucket(self, path: str) -> int:
+        from safetensors.torch import load_file
 
         weights = load_file(path)
         report = _ReloadWarnings()
@@ -58,13 +58,20 @@ class WeightSyncExtension:
         finally:
             for logger in loggers:
                 logger.removeHandler(report)
-        stale = unexpected_unloaded(report.weights, report.layers)
+        # a weight is stale only if no bucket of this update loaded it
+        previous = self._cookbook_unloaded
+        self._cookbook_unloaded = report.weights if previous is None else previous & report.weights
+        return len(weights)
+
+    def cookbook_finish_update(self) -> None:
+        from cookbook.rollout import compat
+
+        stale = unexpected_unloaded(self._cookbook_unloaded or set())
         if stale:
             raise RuntimeError(f"weight sync left {len(stale)} weights of the rollout engine stale: {stale[:8]}; "
                                "the trainer's HF export does not cover them (cookbook.convert.names)")
         if compat.needed("moe"):
             compat.repack_cpu_moe(self.model_runner.get_model())
-        return len(weights)
 
     def cookbook_attention_backends(self) -> list[dict[str, str]]:
         """Per MLA attention layer: the decode backend and the prefill backend vLLM selected."""

@@ -4,9 +4,8 @@ from a sharded trainer, and checkpoints across layouts. Runs on CPU (gloo) and o
   prepare    1 process: a random HF checkpoint and its one-process conversion (``mcore``).
   convert-part, compare-ckpt: the same conversion split over processes (``mcore-split``), and the two
              checkpoints compared tensor by tensor.
-  reference  1 process: runs the steps twice (the single-process
-             trainer's plain torch code, then ``cookbook.grpo.parallel_step``) and saves the plain run's
-             log-probs, losses, grad norms, first gradients and final weights as the reference.
+  reference  1 process: runs the steps with ``cookbook.grpo.parallel_step`` (the trainer's step) and saves
+             the log-probs, losses, grad norms, first gradients and final weights as the reference.
   layouts    N processes (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, as torchrun sets them): for each
              layout, loads the converted checkpoint, checks the gathered weights against the HF checkpoint,
              runs the same steps with ``parallel_step`` and compares with the reference; loads the gathered
@@ -95,53 +94,6 @@ def optimizer(cfg, model):
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def plain_steps(cfg, model, batch, steps: int) -> dict:
-    """What the single-process ``PolicyTrainer.train_step`` does: full logits, plain torch clipping."""
-    from cookbook.grpo import algorithm as A
-    from cookbook.megatron.model import forward_logits, update_router_expert_bias
-    from cookbook.megatron.parallel import gather_full_tensors
-
-    g, opt = cfg.grpo, optimizer(cfg, model)
-    dev = next(model.parameters()).device
-    ids, pos = batch.input_ids.to(dev), batch.position_ids.to(dev)
-
-    def logprobs():
-        model.eval()
-        with torch.no_grad():
-            out = torch.cat([A.token_logprobs(forward_logits(model, ids[s:s + g.micro_batch_size],
-                                                             pos[s:s + g.micro_batch_size])[:, :-1],
-                                              ids[s:s + g.micro_batch_size, 1:], g.temperature)[0]
-                             for s in range(0, len(ids), g.micro_batch_size)])
-        model.train()
-        return out.cpu()
-
-    rec = {"logp": [], "loss": [], "grad_norm": []}
-    for step in range(steps):
-        old = logprobs()
-        rec["logp"].append(old)
-        for i, mb in enumerate(A.split_minibatches(len(batch), g.num_minibatches, seed=cfg.seed + step)):
-            normalizer = float(batch.mask[mb].sum())
-            opt.zero_grad(set_to_none=True)
-            loss = 0.0
-            for s in range(0, len(mb), g.micro_batch_size):
-                idx = mb[s:s + g.micro_batch_size]
-                logp, entropy = A.token_logprobs(forward_logits(model, ids[idx], pos[idx])[:, :-1], ids[idx, 1:],
-                                                 g.temperature)
-                out = A.policy_loss(logp, old[idx].to(dev), batch.advantages[idx].to(dev), batch.mask[idx].to(dev),
-                                    clip_low=g.clip_low, clip_high=g.clip_high, logratio_clamp=g.logratio_clamp,
-                                    loss_cap=g.loss_cap, normalizer=normalizer, entropy=entropy)
-                out.loss.backward()
-                loss += float(out.loss)
-            if step == 0 and i == 0:
-                rec["grads"] = gather_full_tensors(model, grads=True)
-            rec["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), g.grad_clip)))
-            rec["loss"].append(loss)
-            opt.step()
-            update_router_expert_bias(model)
-    rec["logp"].append(logprobs())
-    return rec
 
 
 def parallel_steps(cfg, model, batch, steps: int) -> dict:
@@ -302,19 +254,18 @@ def compare_checkpoints(args) -> dict:
 
 
 def reference(args) -> dict:
+    """The steps in one process, saved as what every layout must reproduce."""
+    from cookbook.megatron.parallel import gather_full_tensors
+
     torch.set_num_threads(args.threads)
     out, cfg = Path(args.out), single_cfg(args)
     batch = make_batch(cfg, args.size)
-    plain = plain_steps(cfg, build(cfg, out / "mcore"), batch, args.steps)
     model = build(cfg, out / "mcore")
-    from cookbook.megatron.parallel import gather_full_tensors
-
-    par = parallel_steps(cfg, model, batch, args.steps)
-    plain["weights"] = gather_full_tensors(model)  # the parallel path's; checked against plain's below
-    torch.save(plain, out / "reference.pt")
+    ref = parallel_steps(cfg, model, batch, args.steps)
+    ref["weights"] = gather_full_tensors(model)
+    torch.save(ref, out / "reference.pt")
     tokens = int((batch.input_ids != 0).sum())
-    return {"mode": "reference", "parallel_step_vs_plain": compare(par, plain), "tokens_per_step": tokens,
-            "step_s": par["step_s"], "peak_gib": peak_memory_gib()}
+    return {"mode": "reference", "tokens_per_step": tokens, "step_s": ref["step_s"], "peak_gib": peak_memory_gib()}
 
 
 def layouts(args) -> dict:

@@ -22,6 +22,16 @@ def hf_logprobs(model, ids):
     return lp[0, :-1].gather(-1, x[0, 1:, None])[:, 0]
 
 
+def layer_buckets(weights: dict, n: int) -> list[dict]:
+    """Split HF weights into ``n`` buckets of whole layers (the embedding with the first, the head with the last)."""
+    def layer(name):
+        return int(name.split(".")[2]) if name.startswith("model.layers.") else (-1 if "embed" in name else 10**6)
+
+    order = sorted({layer(k) for k in weights})
+    groups = [order[i::n] for i in range(n)]
+    return [{k: v for k, v in weights.items() if layer(k) in g} for g in groups]
+
+
 def main(hf_dir: str, perturbed_dir: str) -> None:
     if os.environ.get("COOKBOOK_PROBE_FAKE_AMX") == "1":
         torch.cpu._is_amx_tile_supported = lambda: True
@@ -34,8 +44,8 @@ def main(hf_dir: str, perturbed_dir: str) -> None:
     base = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     perturbed = load_file(f"{perturbed_dir}/model.safetensors")
     for label, d in (("before", hf_dir), ("after", perturbed_dir)):
-        if label == "after":
-            result["sync"] = worker.update_weights(perturbed)
+        if label == "after":  # in three buckets of whole layers, as the trainer group sends them
+            result["sync"] = worker.update_weights(layer_buckets(perturbed, 3))
         hf = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         got = worker.prompt_logprobs(batch)
         result[label] = max(float((torch.tensor(g) - hf_logprobs(hf, ids)).abs().max()) for g, ids in zip(got, batch))

@@ -87,11 +87,6 @@ def test_conversion_split_over_two_processes_matches_one(prepared):
     assert not report["different"] and not report["only_single"] and not report["only_split"], report
 
 
-def test_parallel_step_matches_the_single_process_trainer_code(reference):
-    """At TP = EP = PP = 1 the layout-agnostic step computes what ``PolicyTrainer`` computes."""
-    _assert_matches(reference["parallel_step_vs_plain"])
-
-
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_process(layouts, name):
     res = layouts[name]

@@ -41,7 +41,9 @@ def _compare(cfg, device, tol):
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    fused = fused_policy_loss(model, input_ids, position_ids, old_logp, advantages, mask, cfg=cfg,
+    with hidden_states_instead_of_logits(model) as captured:
+        hidden = forward_logits(model, input_ids, position_ids)
+    fused = fused_policy_loss(hidden, captured.weight, input_ids, old_logp, advantages, mask, g=g,
                               normalizer=normalizer, ref_logp=ref_logp)
     fused.loss.backward()
     fused_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -62,6 +64,35 @@ def test_fused_path_matches_unfused_loss_metrics_and_gradients_on_cpu():
     torch.set_num_threads(1)
     cfg = load_config("tiny", overrides=["grpo.kl_coef=0.05", "grpo.entropy_coef=0.01", "grpo.temperature=0.9"])
     _compare(cfg, "cpu", tol=1e-5)
+
+
+def test_parallel_step_with_the_fused_loss_matches_unfused():
+    """The trainer's step (``parallel_step.train_minibatch``) with ``fused=True`` takes the hidden-state path
+    through Megatron's schedule and ends with the same metrics and weights as the logits path."""
+    import dataclasses
+
+    from cookbook.grpo.parallel_step import batch_from_rollout, forward_logprobs, train_minibatch
+
+    torch.set_num_threads(1)
+    cfg = load_config("tiny", overrides=["grpo.kl_coef=0.05", "grpo.micro_batch_size=2"])
+    init_parallel(cfg)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, cfg.model.vocab_size, (n,), generator=gen).tolist() for n in (5, 7, 4, 6)]
+    responses = [torch.randint(2, cfg.model.vocab_size, (n,), generator=gen).tolist() for n in (6, 3, 8, 5)]
+    results = {}
+    for fused in (False, True):
+        model = build_model(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batch = batch_from_rollout(prompts, responses, [0.5, -1.0, 1.5, -0.2], pad_id=0)
+        old = forward_logprobs(model, batch.input_ids, batch.position_ids, micro_batch_size=2)
+        batch = dataclasses.replace(batch, old_logp=old, ref_logp=old - 0.05)
+        metrics = train_minibatch(model, opt, batch, cfg.grpo, fused=fused)
+        results[fused] = (metrics, forward_logprobs(model, batch.input_ids, batch.position_ids, micro_batch_size=2))
+    (plain, plain_after), (fused, fused_after) = results[False], results[True]
+    assert plain.keys() == fused.keys()
+    for key in plain:
+        assert abs(plain[key] - fused[key]) <= 1e-5 * max(1.0, abs(plain[key])), key
+    assert float((plain_after - fused_after).abs().max()) < 1e-5
 
 
 def test_output_layer_is_restored_after_the_capture():

@@ -1,15 +1,11 @@
-"""Pieces the GRPO loop stands on: prompt stream, checkpoints, metrics tracking, Ray placement plan."""
-import json
-import random
-
-import numpy as np
+"""Pieces the GRPO loop stands on: prompt stream, metrics tracking, Ray placement plan (checkpoints:
+tests/unit/test_checkpoint.py and tests/integration/test_checkpoints.py)."""
 import pytest
 import torch
 
 from cookbook.analysis.metrics import plot_runs, read_metrics
 from cookbook.cluster.placement import plan_placement
 from cookbook.config import load_config
-from cookbook.grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cookbook.grpo.prompts import PromptStream, step_seed
 from cookbook.grpo.tracking import MetricsTracker
 
@@ -31,34 +27,6 @@ def test_step_seed_is_stable_and_distinct():
     assert step_seed(1, 5) == step_seed(1, 5)
     assert len({step_seed(1, s) for s in range(100)}) == 100
     assert step_seed(1, 5, "eval") != step_seed(1, 5)
-
-
-def test_checkpoint_round_trip_restores_rng_and_keeps_the_newest(tmp_path):
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {"model": model.state_dict(), "optim": opt.state_dict()},
-                        {"prompts": {"epoch": 0, "offset": step}}, keep=2)
-    expected = (random.random(), np.random.rand(), torch.rand(1))
-    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_000002", "step_000003"]
-    step, path = latest_checkpoint(tmp_path)
-    assert step == 3
-    random.random(), np.random.rand(), torch.rand(1)  # move every generator on
-    trainer_state, loop_state = load_checkpoint(path)
-    assert loop_state == {"step": 3, "prompts": {"epoch": 0, "offset": 3}}
-    assert torch.equal(trainer_state["model"]["weight"], model.weight)
-    again = (random.random(), np.random.rand(), torch.rand(1))
-    assert expected[0] == again[0] and expected[1] == again[1] and torch.equal(expected[2], again[2])
-
-
-def test_incomplete_checkpoint_is_not_picked(tmp_path):
-    (tmp_path / "checkpoints" / ".tmp-step_000009").mkdir(parents=True)
-    assert latest_checkpoint(tmp_path) is None
-    (tmp_path / "checkpoints" / "step_000004").mkdir()
-    with pytest.raises(FileNotFoundError, match="missing trainer.pt"):
-        load_checkpoint(tmp_path / "checkpoints" / "step_000004")
 
 
 def test_tracker_writes_jsonl_tensorboard_and_truncates_on_resume(tmp_path):
@@ -97,6 +65,11 @@ def test_read_metrics_names_the_bad_line(tmp_path):
 def test_placement_plans():
     cpu = plan_placement(load_config("tiny"))
     assert cpu.bundles == [{"CPU": 1.0}, {"CPU": 1.0}] and cpu.trainer_bundles == [0] and cpu.rollout_bundles == [1]
+    # on CPU the trainer group has as many ranks as the layout needs, each its own process
+    for override, ranks in (("parallel.expert=2", 2), ("parallel.tensor=2", 2), ("parallel.expert=4", 4)):
+        cfg = load_config("tiny", [override, "parallel.sequence_parallel=true"])
+        plan = plan_placement(cfg)
+        assert cfg.world_size == ranks and plan.trainer_bundles == list(range(ranks)) and plan.rollout_bundles == [ranks]
     moon = load_config("moonlight-16b-a3b")
     colocated = plan_placement(moon)
     assert len(colocated.bundles) == 8 and colocated.trainer_bundles == colocated.rollout_bundles

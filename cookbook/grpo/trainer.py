@@ -1,0 +1,160 @@
+"""One rank of the trainer group: a shard of the Megatron-Core policy under the configured layout.
+
+The GRPO loop (``cookbook.grpo.loop``) drives every rank of the group through the same calls, in the same
+order; each call is collective over the group (``cookbook.cluster.group``). A rank has a clear life:
+
+- ``setup``: torch.distributed and Megatron's parallel state for the layout (TP, PP, EP, ETP, CP, DP; gloo on
+  CPU, NCCL on GPU), this rank's shard of the policy and of the frozen reference model, both loaded from the
+  converted Megatron checkpoint (any layout loads it), and the optimizer;
+- ``train_step``: old and reference log-probs, the rollout-vs-trainer mismatch, TIS weights, then
+  ``grpo.num_minibatches`` updates through ``cookbook.grpo.parallel_step`` (the loss settings, the fused loss
+  as a choice, the router expert-bias update), the same code for one rank and for many;
+- ``sync_weights``: HF-named weights gathered in buckets of whole layers onto rank 0, which pushes each bucket
+  to the rollout engine;
+- ``save_checkpoint`` / ``load_checkpoint``: Megatron distributed checkpoints (``cookbook.grpo.checkpoint``);
+- ``shutdown``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+
+from cookbook.config import CookbookConfig
+from cookbook.grpo import algorithm as A
+
+
+def trainer_model_config(cfg: CookbookConfig) -> dict[str, Any]:
+    """The architecture a checkpoint belongs to (paths left out): a resume under another model is refused."""
+    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("hf_dir", "mcore_dir")}
+
+
+class TrainerRank:
+    """One trainer rank (a Ray actor); ``rank`` 0 also talks to the rollout engine."""
+
+    def __init__(self, cfg: CookbookConfig, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_size))
+
+    @staticmethod
+    def address() -> tuple[str, int]:
+        """This node's address and a free port: rank 0's answer becomes the group's MASTER_ADDR / PORT."""
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def setup(self, master_addr: str, master_port: int, mcore_dir: str, pad_id: int) -> dict[str, int]:
+        """Join the group, build this rank's shards of the policy and the reference, load both from the converted
+        checkpoint, make the optimizer. Returns the layout this rank sees (for the log)."""
+        from cookbook.convert.hf_to_mcore import load_megatron_checkpoint
+        from cookbook.grpo.fused_loss import fused_loss_enabled
+        from cookbook.megatron.model import build_model, init_parallel, use_cuda
+        from cookbook.megatron.parallel import layout
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        cfg, g = self.cfg, self.cfg.grpo
+        torch.manual_seed(cfg.seed)
+        init_parallel(cfg, rank=self.rank, world_size=self.world_size)
+        self.model = self._on_device(build_model(cfg), use_cuda(cfg))
+        load_megatron_checkpoint(self.model, mcore_dir)
+        self.ref_model = self._on_device(build_model(cfg), use_cuda(cfg)).eval()  # the initial policy, frozen
+        load_megatron_checkpoint(self.ref_model, mcore_dir)
+        for p in self.ref_model.parameters():
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=g.lr,
+            betas=(g.adam_beta1, g.adam_beta2), weight_decay=g.weight_decay)
+        self.pad_id = pad_id
+        self.fused = fused_loss_enabled(cfg)  # grpo.use_fused_kernels on CUDA: kernels/grpo_loss.py
+        return layout()
+
+    @staticmethod
+    def _on_device(model: torch.nn.Module, cuda: bool) -> torch.nn.Module:
+        return model.cuda() if cuda else model
+
+    # -- the step ------------------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, list], step: int) -> dict[str, float]:
+        """One GRPO step on the global rollout batch (every rank gets all of it and takes its share)."""
+        from cookbook.grpo.packing import PackingSpec
+        from cookbook.grpo.parallel_step import batch_from_rollout, forward_logprobs, train_on_batch
+
+        g, t0 = self.cfg.grpo, time.perf_counter()
+        # grpo.sequence_packing: the step trains in packed rows; tensors here stay in the padded [B, L - 1] layout
+        tb = batch_from_rollout(batch["prompt_ids"], batch["response_ids"], batch["advantages"], self.pad_id,
+                                packing=PackingSpec.from_config(self.cfg))
+
+        def logprobs(model: torch.nn.Module) -> torch.Tensor:
+            return forward_logprobs(model, tb, micro_batch_size=g.micro_batch_size, temperature=g.temperature,
+                                    pad_id=self.pad_id)
+
+        old_logp, ref_logp = logprobs(self.model), logprobs(self.ref_model)
+        rollout_logp = A.align_rollout_logprobs(batch["prompt_ids"], batch["rollout_logp"], tb.mask)
+        metrics = {f"mismatch/{k}": v for k, v in
+                   A.mismatch_metrics(old_logp, rollout_logp, tb.mask, g.mismatch_threshold).items()}
+        is_weights = A.tis_weights(old_logp, rollout_logp, tb.mask, g.importance_cap) \
+            if g.importance_correction == "tis" else None
+        tb = dataclasses.replace(tb, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights)
+        metrics.update(train_on_batch(self.model, self.optimizer, tb, g, seed=self.cfg.seed + step,
+                                      pad_id=self.pad_id, fused=self.fused))
+        tokens = sum(len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"]))
+        metrics["perf/train_tokens_per_s"] = tokens / (time.perf_counter() - t0)  # batch tokens / step time
+        return metrics
+
+    # -- weights out ---------------------------------------------------------------------------------
+    def sync_weights(self, rollout: Any, bucket_bytes: int) -> dict[str, float]:
+        """Push the policy's HF-named weights to the rollout engine in buckets of whole layers of at most
+        ``bucket_bytes`` (a larger layer goes alone): every rank takes part in each gather, rank 0 sends."""
+        import ray
+        from safetensors.torch import save
+
+        from cookbook.megatron.parallel import iter_hf_buckets
+
+        t0 = time.perf_counter()
+        nbytes, largest, count = 0, 0, 0
+        if self.rank == 0:
+            ray.get(rollout.begin_weight_update.remote())
+        for bucket in iter_hf_buckets(self.model, bucket_bytes):
+            if self.rank == 0:
+                size = sum(t.numel() * t.element_size() for t in bucket.values())
+                nbytes, largest, count = nbytes + size, max(largest, size), count + 1
+                ray.get(rollout.load_weight_bucket.remote(save(bucket)))
+        if self.rank == 0:
+            ray.get(rollout.finish_weight_update.remote())
+        seconds = time.perf_counter() - t0
+        return {"bytes": float(nbytes), "buckets": float(count), "largest_bucket_bytes": float(largest),
+                "seconds": seconds, "gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}
+
+    def save_model(self, out_dir: str) -> str:
+        """The policy as a torch_dist checkpoint (collective); ``cookbook.convert`` turns it into HF."""
+        from megatron.core import dist_checkpointing
+
+        if self.rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(self.model.sharded_state_dict(), out_dir)
+        return out_dir
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, run_dir: str, step: int, loop_state: dict[str, Any], keep: int) -> str:
+        from cookbook.grpo.checkpoint import save_checkpoint
+
+        return str(save_checkpoint(run_dir, step, self.model, self.optimizer, loop_state,
+                                   trainer_model_config(self.cfg), keep=keep))
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        from cookbook.grpo.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, self.model, self.optimizer, trainer_model_config(self.cfg))
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
