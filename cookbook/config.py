@@ -531,8 +531,8 @@ def _validate_packing(cfg: CookbookConfig) -> None:
         contexts = [c for c in (1, 2, 4, 8, 16) if g.packing_max_tokens % packing_alignment(p.tensor, c)[1] == 0]
         raise ConfigError(
             f"grpo.packing_max_tokens={g.packing_max_tokens} does not split over parallel.context={p.context} x "
-            f"parallel.tensor={p.tensor}: a packed row must be a multiple of {row} = lcm(2 x context, context x tensor) "
-            f"(each CP rank holds 2 chunks of every sample, its share splits over TP); use "
+            f"parallel.tensor={p.tensor}: a packed row must be a multiple of {row} = lcm(2 x context, context x "
+            f"tensor) (each CP rank holds 2 chunks of every sample, its share splits over TP); use "
             f"{', '.join(str(v) for v in (lower, upper) if v > 0)}, or parallel.context in {contexts}")
     _require(g.loss_aggregation == "token_mean", "grpo.loss_aggregation", g.loss_aggregation,
              "with grpo.sequence_packing=true only token_mean (the reference's) is supported")

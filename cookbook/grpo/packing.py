@@ -28,7 +28,10 @@ smallest aligned length. Context-parallel ranks of one DP rank share its rows (e
 sample).
 
 Micro-batches: ``grpo.micro_batch_size`` counts packed rows per micro-batch (the reference's 1 is one row of up
-to ``packing_max_tokens`` tokens); several rows of a micro-batch are joined into one ``thd`` sequence.
+to ``packing_max_tokens`` tokens); several rows of a micro-batch are joined into one ``thd`` sequence. With
+``equal_microbatches`` (expert parallelism with Megatron's ``allgather`` token dispatcher, the CPU one, which
+all-gathers equal-sized token blocks over the EP ranks, and EP ranks are DP ranks) the i-th micro-batch of every
+DP rank is padded to the longest of them.
 
 Per-token tensors (mask, advantages, old / reference log-probs, TIS weights) are stored by the caller in the
 padded ``[B, L - 1]`` layout of ``algorithm.build_training_batch`` and moved into the packed layout here
@@ -154,30 +157,44 @@ class PackedLayout:
     rows_per_micro: int
     sample_multiple: int
     row_multiple: int
+    equal_microbatches: bool = False
 
     @classmethod
     def build(cls, lengths: Sequence[int], spec: PackingSpec, *, dp: int = 1, tensor: int = 1, context: int = 1,
-              rows_per_micro: int = 1) -> "PackedLayout":
+              rows_per_micro: int = 1, equal_microbatches: bool = False) -> "PackedLayout":
         sample, row = alignment(tensor, context)
         if spec.max_tokens % row:
             raise ValueError(f"{KEY}={spec.max_tokens} is not a multiple of {row} = lcm(2 x parallel.context, "
                              f"parallel.context x parallel.tensor) for context={context}, tensor={tensor}")
         rows = pack_rows(lengths, spec.max_tokens, sample, row)
-        return cls([int(n) for n in lengths], assign_rows(rows, dp, row), max(1, rows_per_micro), sample, row)
+        return cls([int(n) for n in lengths], assign_rows(rows, dp, row), max(1, rows_per_micro), sample, row,
+                   equal_microbatches)
 
     @property
     def rows(self) -> list[Row]:
         return [r for mine in self.ranks for r in mine]
 
-    def microbatch_rows(self, dp_rank: int) -> list[list[Row]]:
+    def _cut(self, dp_rank: int) -> list[list[Row]]:
         mine = self.ranks[dp_rank]
         return [mine[i:i + self.rows_per_micro] for i in range(0, len(mine), self.rows_per_micro)]
+
+    def microbatch_rows(self, dp_rank: int) -> list[list[Row]]:
+        """This DP rank's micro-batches (lists of rows joined into one sequence); with ``equal_microbatches``
+        each ends with a padding row up to the longest i-th micro-batch of all DP ranks."""
+        mine = self._cut(dp_rank)
+        if not self.equal_microbatches:
+            return mine
+        longest = [max(sum(r.tokens for r in rank_cut[i]) for rank_cut in map(self._cut, range(len(self.ranks))))
+                   for i in range(len(mine))]
+        return [rows + [Row(((-1, 0, n - sum(r.tokens for r in rows)),))] if n > sum(r.tokens for r in rows)
+                else rows for rows, n in zip(mine, longest)]
 
     def stats(self) -> dict[str, float]:
         """Rows, tokens (with padding) and the share of them that are sample tokens."""
         total = sum(r.tokens for r in self.rows)
         return {"rows": len(self.rows), "tokens": total, "fill": sum(self.lengths) / max(total, 1),
-                "rows_per_rank": len(self.ranks[0]), "max_rank_tokens": max(sum(r.tokens for r in m) for m in self.ranks)}
+                "rows_per_rank": len(self.ranks[0]),
+                "max_rank_tokens": max(sum(r.tokens for r in m) for m in self.ranks)}
 
 
 @dataclass

@@ -2,14 +2,19 @@
 
 One code path for every layout, one process included: micro-batches go through Megatron's
 ``get_forward_backward_func()`` (no pipelining for PP = 1, the 1F1B schedule for PP > 1), the last stage
-scores tokens from vocab-parallel logits and applies ``cookbook.grpo.algorithm.policy_loss`` (the same
-loss as the single-process trainer), then the gradient reductions, global-norm clipping, the optimizer
-step and the router expert-bias update follow (``cookbook.megatron.parallel``).
+scores tokens from vocab-parallel logits and applies ``cookbook.grpo.algorithm.policy_loss`` (or, with the
+fused kernels, ``cookbook.grpo.fused_loss`` from the final hidden states), then the gradient reductions,
+global-norm clipping, the optimizer step and the router expert-bias update follow (``cookbook.megatron.parallel``).
 
 Every rank passes the same *global* batch; each data-parallel rank takes its own rows and the loss of a
 micro-batch is its tokens' sum over the token count of the whole minibatch (``token_mean``), so gradients
 add up across micro-batches and DP ranks to the full-batch gradient, however the batch is cut. Results
 (log-probs, metrics) come back on every rank, as CPU tensors and floats.
+
+A batch made with a ``PackingSpec`` (``grpo.sequence_packing``; ``cookbook.grpo.packing``) trains in packed rows
+(Megatron's ``thd`` format): each minibatch is packed, its rows dealt to the DP ranks, every row split over the
+context-parallel ranks (``cookbook.megatron.context_parallel``), and per-token tensors are moved into that layout
+for the step only; callers keep the padded ``[B, L - 1]`` layout, and ``forward_logprobs`` returns it.
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ import torch.distributed as dist
 
 from cookbook.config import GRPOConfig
 from cookbook.grpo import algorithm as A
+from cookbook.grpo.packing import PackedLayout, PackingSpec, build_microbatch
 from cookbook.megatron import parallel as P
+
+_PER_TOKEN = ("mask", "advantages", "old_logp", "ref_logp", "is_weights")
 
 
 @dataclasses.dataclass
@@ -37,13 +45,19 @@ class TrainBatch:
     old_logp: Optional[torch.Tensor] = None  # [B, L - 1]; required for an update
     ref_logp: Optional[torch.Tensor] = None
     is_weights: Optional[torch.Tensor] = None
+    lengths: Optional[torch.Tensor] = None  # [B] prompt + response tokens (needed to pack)
+    packing: Optional[PackingSpec] = None  # train in packed rows (None: padded rows)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-row tensors that are set."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
     def rows(self, index) -> "TrainBatch":
-        return TrainBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
-                             for f in dataclasses.fields(self)})
+        return dataclasses.replace(self, **{name: t[index] for name, t in self.tensors().items()})
 
     def padded(self, multiple: int, pad_id: int) -> "TrainBatch":
         """Columns padded to a multiple of ``multiple`` (sequence parallelism splits the sequence over TP);
@@ -59,8 +73,10 @@ class TrainBatch:
 
         last = self.position_ids[:, -1:]
         positions = torch.cat([self.position_ids, last + torch.arange(1, extra + 1)], dim=1)
-        return TrainBatch(pad(self.input_ids, pad_id), positions, pad(self.mask, 0.0), pad(self.advantages, 0.0),
-                          pad(self.old_logp, 0.0), pad(self.ref_logp, 0.0), pad(self.is_weights, 0.0))
+        return dataclasses.replace(
+            self, input_ids=pad(self.input_ids, pad_id), position_ids=positions, mask=pad(self.mask, 0.0),
+            advantages=pad(self.advantages, 0.0), old_logp=pad(self.old_logp, 0.0), ref_logp=pad(self.ref_logp, 0.0),
+            is_weights=pad(self.is_weights, 0.0))
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -71,26 +87,73 @@ def _microbatches(batch: TrainBatch, size: int, device: torch.device) -> list[di
     out = []
     for start in range(0, len(batch), size):
         part = batch.rows(slice(start, start + size))
-        out.append({f.name: getattr(part, f.name).to(device) for f in dataclasses.fields(part)
-                    if getattr(part, f.name) is not None})
+        out.append({name: t.to(device) for name, t in part.tensors().items() if name != "lengths"})
     if P.parallel_state().get_pipeline_model_parallel_world_size() > 1 and len(batch) % size:
         raise ValueError(f"pipeline parallelism needs equal micro-batches: {len(batch)} rows per data-parallel "
                          f"rank do not split into micro-batches of {size} (config key grpo.micro_batch_size)")
     return out
 
 
-def _run_schedule(model: torch.nn.Module, microbatches: list[dict], loss: Callable, forward_only: bool) -> list:
-    """Megatron's schedule for this layout over the micro-batches; the last stage's loss outputs."""
+def packed_layout(batch: TrainBatch, micro_batch_size: int, model: Optional[torch.nn.Module] = None
+                  ) -> PackedLayout:
+    """The packing plan of ``batch`` for the current layout: rows of at most ``batch.packing.max_tokens``,
+    ``micro_batch_size`` rows per micro-batch, dealt to the DP ranks (``cookbook.grpo.packing``)."""
+    if batch.lengths is None:
+        raise ValueError("a packed batch needs its sample lengths: make it with batch_from_rollout(..., packing=...)")
+    ps = P.parallel_state()
+    # the allgather token dispatcher gathers equal-sized token blocks over the EP ranks, which are DP ranks
+    dispatcher = getattr(getattr(model, "config", None), "moe_token_dispatcher_type", "allgather")
+    allgather_ep = ps.get_expert_model_parallel_world_size() > 1 and dispatcher == "allgather"
+    return PackedLayout.build(batch.lengths.tolist(), batch.packing, dp=ps.get_data_parallel_world_size(),
+                              tensor=ps.get_tensor_model_parallel_world_size(),
+                              context=ps.get_context_parallel_world_size(), rows_per_micro=micro_batch_size,
+                              equal_microbatches=allgather_ep)
+
+
+def _packed_microbatches(batch: TrainBatch, layout: PackedLayout, device: torch.device, pad_id: int) -> list[dict]:
+    """This rank's micro-batches of a packed batch: its DP rank's rows, its CP rank's chunks, per-token tensors
+    moved from the padded layout into the packed one (``[1, t]``)."""
+    ps = P.parallel_state()
+    out = []
+    for rows in layout.microbatch_rows(ps.get_data_parallel_rank()):
+        pm = build_microbatch(rows, batch.input_ids, pad_id, context=ps.get_context_parallel_world_size(),
+                              cp_rank=ps.get_context_parallel_rank())
+        mb = {"input_ids": pm.input_ids, "position_ids": pm.position_ids, "targets": pm.targets}
+        mb.update({name: pm.pack(getattr(batch, name)) for name in _PER_TOKEN if getattr(batch, name) is not None})
+        mb = {name: t.to(device) for name, t in mb.items()}
+        mb["packed_seq_params"], mb["packed"] = pm.packed_seq_params(device), pm
+        out.append(mb)
+    return out
+
+
+def _run_schedule(model: torch.nn.Module, microbatches: list[dict], loss: Callable, forward_only: bool,
+                  hidden_states: bool = False) -> list:
+    """Megatron's schedule for this layout over the micro-batches; the last stage's loss outputs.
+
+    ``loss(mb, output_weight, output)`` gets the logits, or with ``hidden_states`` (the fused loss) the last
+    stage's final hidden states and the output layer's weight."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from cookbook.grpo.fused_loss import hidden_states_instead_of_logits
 
     # each micro-batch's loss is already normalized by the global batch: the schedule must not rescale it
     model.config.calculate_per_token_loss = True
+    packed = "packed_seq_params" in microbatches[0]
+    # packed rows differ in length: pipeline stages then send each activation's shape first
+    model.config.variable_seq_lengths = packed
 
     def forward_step(data, model):
         mb = next(data)
-        return model(mb["input_ids"], mb["position_ids"], None), partial(loss, mb)
+        kwargs = {"packed_seq_params": mb["packed_seq_params"]} if packed else {}
+        if hidden_states and model.post_process:
+            with hidden_states_instead_of_logits(model) as captured:
+                output = model(mb["input_ids"], mb["position_ids"], None, **kwargs)
+            return output, partial(loss, mb, captured.weight)
+        return model(mb["input_ids"], mb["position_ids"], None, **kwargs), partial(loss, mb, None)
 
     seq_length, micro_batch_size = microbatches[0]["input_ids"].shape[1], microbatches[0]["input_ids"].shape[0]
+    if packed:
+        seq_length *= P.parallel_state().get_context_parallel_world_size()
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=model,
         num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
@@ -98,21 +161,35 @@ def _run_schedule(model: torch.nn.Module, microbatches: list[dict], loss: Callab
 
 
 def _score(mb: dict, logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if "targets" in mb:  # packed: targets were shifted on the full row, before the CP split
+        return P.vocab_parallel_logprobs(logits, mb["targets"], temperature)
     return P.vocab_parallel_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], temperature)
 
 
-def _logprob_loss(temperature: float, mb: dict, logits: torch.Tensor):
+def _logprob_loss(temperature: float, mb: dict, weight: None, logits: torch.Tensor):
     logp, _ = _score(mb, logits, temperature)
     zero = torch.zeros((), device=logits.device)
     return zero, torch.ones((), dtype=torch.int, device=logits.device), {"logp": logp.detach()}
 
 
-def forward_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, *,
-                     micro_batch_size: int, temperature: float = 1.0, pad_id: int = 0) -> torch.Tensor:
+def forward_logprobs(model: torch.nn.Module, batch: "TrainBatch | torch.Tensor",
+                     position_ids: Optional[torch.Tensor] = None, *, micro_batch_size: int, temperature: float = 1.0,
+                     pad_id: int = 0) -> torch.Tensor:
     """Per-token log-probs ``[B, L - 1]`` (fp32, CPU) of a global batch, on every rank, without gradients
-    (the old and reference log-probs of a GRPO step)."""
-    mask = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1)
-    batch = TrainBatch(input_ids, position_ids, mask, torch.zeros(input_ids.shape[0]))
+    (the old and reference log-probs of a GRPO step).
+
+    ``batch`` is a ``TrainBatch`` (packed when it carries a ``PackingSpec``; ``micro_batch_size`` then counts
+    packed rows) or, as before, the ``input_ids [B, L]`` tensor with ``position_ids``. A packed batch's
+    log-probs come back in the padded layout, 0 outside each sample's scored columns."""
+    if isinstance(batch, torch.Tensor):
+        input_ids = batch
+        batch = TrainBatch(input_ids, position_ids, torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1),
+                           torch.zeros(input_ids.shape[0]))
+    if batch.packing is not None:
+        return _packed_logprobs(model, batch, micro_batch_size, temperature, pad_id)
+    input_ids = batch.input_ids
+    batch = TrainBatch(input_ids, batch.position_ids, torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1),
+                       torch.zeros(input_ids.shape[0]))
     shard = batch.rows(P.data_parallel_rows(len(batch))).padded(P.sequence_multiple(), pad_id)
     was_training = model.training
     model.eval()
@@ -128,24 +205,75 @@ def forward_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_i
     return P.all_gather_rows(local).cpu()
 
 
-def _grpo_loss(g: GRPOConfig, normalizer: float, mb: dict, logits: torch.Tensor):
-    logp, entropy = _score(mb, logits, g.temperature)
-    out = A.policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], normalizer=normalizer,
-                        ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"), entropy=entropy,
-                        **A.loss_settings(g))
-    tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=logits.device)
+def _packed_logprobs(model: torch.nn.Module, batch: TrainBatch, rows_per_micro: int, temperature: float,
+                     pad_id: int) -> torch.Tensor:
+    """``forward_logprobs`` of a packed batch: each rank scores its rows' chunks; the pieces are written into
+    the padded layout and summed over DP x CP (each scored token is written by exactly one of those ranks,
+    and adding zeros is exact), then sent from the last pipeline stage."""
+    device = _device(model)
+    layout = packed_layout(batch, rows_per_micro, model)
+    microbatches = _packed_microbatches(batch, layout, device, pad_id)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            store = _run_schedule(model, microbatches, partial(_logprob_loss, temperature), forward_only=True)
+    finally:
+        model.train(was_training)
+    out = torch.zeros(len(batch), batch.input_ids.shape[1] - 1)
+    for mb, s in zip(microbatches, store or []):
+        mb["packed"].unpack(s["logp"], out)
+    out = out.to(device)
+    ps = P.parallel_state()
+    dist.all_reduce(out, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return P.broadcast_from_last_stage(out if store else None, out.shape, torch.float32, device).cpu()
+
+
+def _grpo_loss(g: GRPOConfig, normalizer: float, mb: dict, weight: Optional[torch.Tensor], output: torch.Tensor):
+    """The policy loss of a micro-batch from its logits, or (``weight`` given) through the fused kernel from the
+    final hidden states (``grpo.use_fused_kernels``; ``cookbook.grpo.fused_loss``)."""
+    if weight is not None and "targets" in mb:
+        out = _packed_fused_loss(g, normalizer, mb, weight, output)
+    elif weight is not None:
+        from cookbook.grpo.fused_loss import fused_policy_loss
+
+        out = fused_policy_loss(output, weight, mb["input_ids"], mb["old_logp"], mb["advantages"], mb["mask"], g=g,
+                                normalizer=normalizer, ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"))
+    else:
+        logp, entropy = _score(mb, output, g.temperature)
+        out = A.policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], normalizer=normalizer,
+                            ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"), entropy=entropy,
+                            **A.loss_settings(g))
+    tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=output.device)
     return out.loss, tokens, {"loss": float(out.loss.detach()), "metrics": out.metrics, "num_tokens": out.num_tokens}
 
 
+def _packed_fused_loss(g: GRPOConfig, normalizer: float, mb: dict, weight: torch.Tensor, hidden: torch.Tensor):
+    """The fused loss of a packed micro-batch. ``fused_policy_loss`` scores ``hidden[:, :-1]`` against
+    ``input_ids[:, 1:]`` row by row; a packed micro-batch's targets were shifted on the full row (and CP-split),
+    so each token goes in as a row of two: (its hidden state, an unused copy) and (its target, its target).
+    The hidden states are expanded, not copied; advantages are per token."""
+    from cookbook.grpo.fused_loss import fused_policy_loss
+
+    def column(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t[0].unsqueeze(1)
+
+    rows = hidden[0].unsqueeze(1).expand(-1, 2, -1)
+    targets = mb["targets"][0].unsqueeze(1).expand(-1, 2)
+    return fused_policy_loss(rows, weight, targets, column(mb["old_logp"]), mb["advantages"][0], column(mb["mask"]),
+                             g=g, normalizer=normalizer, ref_logp=column(mb.get("ref_logp")),
+                             is_weights=column(mb.get("is_weights")))
+
+
 def _reduce_metrics(store: list[dict], device: torch.device) -> dict[str, float]:
-    """Sum the last stage's micro-batch results over DP; token-weighted means; on every stage."""
+    """Sum the last stage's micro-batch results over DP x CP; token-weighted means; on every stage."""
     ps = P.parallel_state()
     result: list[Optional[dict]] = [None]
     if store:
         keys = sorted(store[0]["metrics"])
         values = torch.tensor([[s["loss"], s["num_tokens"]] + [s["metrics"][k] * s["num_tokens"] for k in keys]
                                for s in store], dtype=torch.float64).sum(0).to(device)
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
+        dist.all_reduce(values, group=ps.get_data_parallel_group(with_context_parallel=True))
         tokens = float(values[1])
         result[0] = {"loss": float(values[0]), "num_tokens": tokens,
                      **{k: float(v) / max(tokens, 1.0) for k, v in zip(keys, values[2:])}}
@@ -156,11 +284,14 @@ def _reduce_metrics(store: list[dict], device: torch.device) -> dict[str, float]
 
 
 def train_minibatch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, g: GRPOConfig,
-                    *, pad_id: int = 0, after_backward: Optional[Callable[[], None]] = None) -> dict[str, float]:
+                    *, pad_id: int = 0, fused: bool = False, after_backward: Optional[Callable[[], None]] = None
+                    ) -> dict[str, float]:
     """One optimizer step on a global minibatch (``old_logp`` required): forward/backward of this rank's
     rows, gradient reductions, clipping at ``g.grad_clip``, the step, the router expert-bias update.
     Returns the minibatch's loss, token count, token-mean policy metrics and the pre-clip grad norm.
-    ``after_backward`` runs once the gradients are complete (before clipping), e.g. to inspect them."""
+    ``fused`` computes the loss with the fused kernel (``cookbook.grpo.fused_loss.fused_loss_enabled``);
+    ``after_backward`` runs once the gradients are complete (before clipping), e.g. to inspect them.
+    A packed batch (``batch.packing``) trains in packed rows, ``g.micro_batch_size`` rows per micro-batch."""
     from cookbook.megatron.model import update_router_expert_bias
 
     if batch.old_logp is None:
@@ -169,11 +300,19 @@ def train_minibatch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
     if not normalizer > 0:
         raise ValueError("the minibatch has no response tokens to train on")
     device = _device(model)
-    shard = batch.rows(P.data_parallel_rows(len(batch))).padded(P.sequence_multiple(), pad_id)
+    if batch.packing is not None:
+        if g.loss_aggregation != "token_mean":
+            raise ValueError(f"grpo.loss_aggregation={g.loss_aggregation!r} with packed rows: only token_mean "
+                             "(per-sample means would need sample boundaries inside the loss)")
+        microbatches = _packed_microbatches(batch, packed_layout(batch, g.micro_batch_size, model), device,
+                                            pad_id)
+    else:
+        shard = batch.rows(P.data_parallel_rows(len(batch))).padded(P.sequence_multiple(), pad_id)
+        microbatches = _microbatches(shard, g.micro_batch_size, device)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    store = _run_schedule(model, _microbatches(shard, g.micro_batch_size, device),
-                          partial(_grpo_loss, g, normalizer), forward_only=False)
+    store = _run_schedule(model, microbatches, partial(_grpo_loss, g, normalizer), forward_only=False,
+                          hidden_states=fused)
     P.finish_grad_sync(model)
     if after_backward is not None:
         after_backward()
@@ -186,7 +325,7 @@ def train_minibatch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
 
 
 def train_on_batch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: TrainBatch, g: GRPOConfig,
-                   seed: int, *, pad_id: int = 0) -> dict[str, float]:
+                   seed: int, *, pad_id: int = 0, fused: bool = False) -> dict[str, float]:
     """``g.num_minibatches`` optimizer steps over a rollout batch (seeded shuffle, as the single-process
     trainer does), with its metric names: ``actor/<metric>`` token-weighted, ``actor/grad_norm`` the mean
     over steps, ``actor/updates``."""
@@ -194,7 +333,7 @@ def train_on_batch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     tokens = 0.0
     norms: list[float] = []
     for mb in A.split_minibatches(len(batch), g.num_minibatches, seed=seed):
-        m = train_minibatch(model, optimizer, batch.rows(mb), g, pad_id=pad_id)
+        m = train_minibatch(model, optimizer, batch.rows(mb), g, pad_id=pad_id, fused=fused)
         for key, value in m.items():
             if key not in ("loss", "num_tokens", "grad_norm"):
                 sums[key] = sums.get(key, 0.0) + value * m["num_tokens"]
@@ -207,7 +346,11 @@ def train_on_batch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
 
 
 def batch_from_rollout(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                       advantages: Sequence[float], pad_id: int) -> TrainBatch:
-    """A ``TrainBatch`` (no log-probs yet) from token id lists, via ``algorithm.build_training_batch``."""
+                       advantages: Sequence[float], pad_id: int, packing: Optional[PackingSpec] = None
+                       ) -> TrainBatch:
+    """A ``TrainBatch`` (no log-probs yet) from token id lists, via ``algorithm.build_training_batch``; with
+    ``packing`` (``PackingSpec.from_config(cfg)``) the step packs it (``cookbook.grpo.packing``)."""
     input_ids, mask, positions = A.build_training_batch(prompt_ids, response_ids, pad_id)
-    return TrainBatch(input_ids, positions, mask, torch.as_tensor(list(advantages), dtype=torch.float32))
+    lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], dtype=torch.long)
+    return TrainBatch(input_ids, positions, mask, torch.as_tensor(list(advantages), dtype=torch.float32),
+                      lengths=lengths, packing=packing)

@@ -105,7 +105,7 @@ def packed_cp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                              "pad every sample to a multiple of 2 x parallel.context (cookbook.grpo.packing)")
         c, share = length // (2 * cp), length // cp
         # the segment's K/V in sequence order: chunk j lives on rank j (first half) or 2CP-1-j (second half)
-        pieces = [gathered[j if j < cp else 2 * cp - 1 - j, local + (0 if j < cp else c): local + (c if j < cp else share)]
+        pieces = [gathered[j, local:local + c] if j < cp else gathered[2 * cp - 1 - j, local + c:local + share]
                   for j in range(2 * cp)]
         kv = torch.cat(pieces)  # [length, h, dk + dv]
         k, v = kv[..., :dk], kv[..., dk:]
