@@ -79,7 +79,8 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    """Trainer and rollout layout. ``gpus_per_node = 0`` means CPU (gloo, one process)."""
+    """Trainer and rollout layout. ``gpus_per_node = 0`` means CPU: gloo, one trainer process per rank the
+    layout needs (``CookbookConfig.world_size``)."""
 
     num_nodes: int = 1
     gpus_per_node: int = 0
@@ -95,6 +96,7 @@ class ParallelConfig:
     rollout_tensor: int = 1
     rollout_gpu_memory_utilization: float = 0.75
     colocate: bool = True  # trainer and rollout share the GPUs (offloaded between phases)
+    weight_sync_bucket_mb: int = 1024  # the trainer -> rollout weight sync sends whole layers in buckets of this size
 
 
 @dataclass
@@ -146,6 +148,7 @@ class GRPOConfig:
     eval_top_k: int = 20
     eval_every: int = 1
     save_every: int = 10
+    keep_checkpoints: int = 2  # the newest complete checkpoints kept (an older one is the fallback if the newest is damaged)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -179,7 +182,12 @@ class CookbookConfig:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.num_nodes * max(self.parallel.gpus_per_node, 1)
+        """Trainer ranks: one per GPU; on CPU (``gpus_per_node = 0``) as many processes as the layout needs,
+        lcm(tensor x pipeline x context, expert x expert_tensor x pipeline)."""
+        p = self.parallel
+        if p.gpus_per_node:
+            return p.num_nodes * p.gpus_per_node
+        return math.lcm(p.tensor * p.pipeline * p.context, p.expert * p.expert_tensor * p.pipeline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +473,8 @@ def validate(cfg: CookbookConfig) -> None:
              f"must fit model.max_position_embeddings ({m.max_position_embeddings})")
     _require(0 < p.rollout_gpu_memory_utilization <= 1, "parallel.rollout_gpu_memory_utilization",
              p.rollout_gpu_memory_utilization, "must be in (0, 1]")
+    _require(p.weight_sync_bucket_mb >= 1, "parallel.weight_sync_bucket_mb", p.weight_sync_bucket_mb, "must be >= 1")
+    _require(g.keep_checkpoints >= 1, "grpo.keep_checkpoints", g.keep_checkpoints, "must be >= 1")
 
     _validate_layout(cfg)
 

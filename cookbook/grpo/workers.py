@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cookbook.cluster.group import TrainerGroup, start_trainer_group
@@ -14,6 +15,7 @@ class Workers:
     trainer: TrainerGroup
     rollout: Any
     placement_group: Any
+    owns_ray: bool  # Ray was started for this run (else a cluster or a caller's instance is left running)
 
     def shutdown(self) -> None:
         import ray
@@ -26,18 +28,14 @@ class Workers:
         ray.kill(self.rollout)
         self.trainer.kill()
         remove_placement_group(self.placement_group)
-        ray.shutdown()  # a local Ray started by init_ray goes with the run; a cluster connection is just closed
+        if self.owns_ray:
+            ray.shutdown()  # a local Ray started for the run goes with it; a cluster connection is just closed
 
 
-def _ensure_converted(cfg: CookbookConfig, hf_dir: str) -> str:
-    """The converted Megatron checkpoint of the initial policy (notebook 20); converted here when missing."""
+def _convert(cfg: CookbookConfig, hf_dir: str, mcore: str) -> None:
     from cookbook.convert.pipeline import convert
-    from cookbook.rundir import mcore_dir
 
-    mcore = mcore_dir(cfg)
-    if not mcore.is_dir():
-        convert(cfg, "hf_to_mcore", hf_dir, mcore, part=(0, 1), progress=False)
-    return str(mcore)
+    convert(cfg, "hf_to_mcore", hf_dir, mcore, part=(0, 1), progress=False)
 
 
 def start_workers(cfg: CookbookConfig) -> Workers:
@@ -49,10 +47,14 @@ def start_workers(cfg: CookbookConfig) -> Workers:
     from cookbook.models.hf_config import read_hf_config
     from cookbook.models.tiny import resolve_hf_dir
     from cookbook.rollout.engine import RolloutWorker
+    from cookbook.rundir import mcore_dir
 
+    owns_ray = not ray.is_initialized()
     init_ray(cfg)
     hf_dir = str(resolve_hf_dir(cfg))
-    mcore = ray.get(ray.remote(num_cpus=1)(_ensure_converted).remote(cfg, hf_dir))  # its own process
+    mcore = str(mcore_dir(cfg))
+    if not Path(mcore).is_dir():  # notebook 20 has not converted the policy: convert it in a process of its own
+        ray.get(ray.remote(num_cpus=1)(_convert).remote(cfg, hf_dir, mcore))
     plan = plan_placement(cfg)
     pg = create_placement_group(plan)
     rollout = ray.remote(logged(RolloutWorker, cfg.run_dir, "rollout")).options(
@@ -60,4 +62,4 @@ def start_workers(cfg: CookbookConfig) -> Workers:
     pad_id = int(read_hf_config(hf_dir).get("pad_token_id") or 0)
     trainer = start_trainer_group(cfg, plan, pg, mcore, pad_id)
     ray.get(rollout.ready.remote())
-    return Workers(trainer, rollout, pg)
+    return Workers(trainer, rollout, pg, owns_ray)

@@ -39,17 +39,41 @@ def hf_dir(tmp_path_factory):
     return make_random_tiny_hf(tmp_path_factory.mktemp("grpo") / "hf")
 
 
+@pytest.fixture(scope="module")
+def mcore_dir(hf_dir):
+    """The policy converted once (notebook 20's step): every run below starts from it."""
+    from cookbook.config import load_config
+    from cookbook.convert.pipeline import convert
+
+    return convert(load_config("tiny", [f"model.hf_dir={hf_dir}"]), "hf_to_mcore", hf_dir, hf_dir.parent / "mcore",
+                   part=(0, 1), progress=False)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One local Ray instance for the in-process runs (each run starts and ends its own actors on it)."""
+    import ray
+
+    from cookbook.cluster.placement import init_ray
+    from cookbook.config import load_config
+
+    init_ray(load_config("tiny", LAYOUTS["tp2"], values={"runs_dir": str(tmp_path_factory.mktemp("ray"))}))
+    yield
+    ray.shutdown()
+
+
 def _args(runs_dir: Path, name: str, hf_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cookbook.cli", "train", "--run-name", name, "--runs-dir", str(runs_dir),
-            "--no-progress", f"model.hf_dir={hf_dir}", "grpo.steps=3", "grpo.prompts_per_step=4",
-            "grpo.samples_per_prompt=4", "grpo.max_response_length=12", "grpo.eval_every=2", "grpo.save_every=1",
-            "grpo.num_minibatches=2", "data.num_train=64", "data.num_test=16", "logging.wandb_mode=disabled",
-            "parallel.weight_sync_bucket_mb=4", *overrides]
+    return ["train", "--run-name", name, "--runs-dir", str(runs_dir), "--no-progress", f"model.hf_dir={hf_dir}",
+            "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4", "grpo.max_response_length=12",
+            "grpo.eval_every=2", "grpo.save_every=1", "grpo.num_minibatches=2", "data.num_train=64",
+            "data.num_test=16", "logging.wandb_mode=disabled", "parallel.weight_sync_bucket_mb=4", *overrides]
 
 
-def _train(runs_dir: Path, name: str, hf_dir: Path, *overrides: str) -> Path:
-    out = subprocess.run(_args(runs_dir, name, hf_dir, *overrides), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
+def _train(runs_dir: Path, name: str, hf_dir: Path, mcore_dir: Path, *overrides: str) -> Path:
+    """``cookbook train`` in this process, on the module's Ray instance."""
+    from cookbook.cli import main
+
+    assert main(_args(runs_dir, name, hf_dir, f"model.mcore_dir={mcore_dir}", *overrides)) == 0
     return runs_dir / name
 
 
@@ -79,17 +103,17 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_rank(runs, hf_dir):
-    return _train(runs, "one-rank", hf_dir)
+def one_rank(runs, hf_dir, mcore_dir, ray_cluster):
+    return _train(runs, "one-rank", hf_dir, mcore_dir)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(runs, hf_dir):
+def two_ranks(runs, hf_dir, mcore_dir, ray_cluster):
     done = {}
 
     def run(layout: str) -> Path:
         if layout not in done:
-            done[layout] = _train(runs, layout, hf_dir, *LAYOUTS[layout])
+            done[layout] = _train(runs, layout, hf_dir, mcore_dir, *LAYOUTS[layout])
         return done[layout]
 
     return run
@@ -122,11 +146,13 @@ def test_two_rank_group_matches_one_rank(two_ranks, one_rank, layout):
     _assert_close(run, one_rank)
 
 
-def test_sigkill_of_a_two_rank_run_then_resume_ends_with_the_same_metrics(tmp_path, two_ranks, hf_dir):
+def test_sigkill_of_a_two_rank_run_then_resume_ends_with_the_same_metrics(tmp_path, two_ranks, hf_dir, mcore_dir):
+    """A separate process (its own Ray), killed as a node failure would kill it, then resumed."""
     full = two_ranks("tp2")
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(_args(runs, "killed", hf_dir, *LAYOUTS["tp2"]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    args = [sys.executable, "-m", "cookbook.cli", *_args(runs, "killed", hf_dir, f"model.mcore_dir={mcore_dir}",
+                                                          *LAYOUTS["tp2"])]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     first = runs / "killed" / "checkpoints" / "step_000001"
     deadline = time.time() + 900
     while not first.is_dir() and proc.poll() is None and time.time() < deadline:
@@ -136,7 +162,8 @@ def test_sigkill_of_a_two_rank_run_then_resume_ends_with_the_same_metrics(tmp_pa
     proc.wait()
     done = [r["step"] for r in _rows(runs / "killed")]
     assert max(done) < 3, "the run finished before it was killed; the test proves nothing"
-    _train(runs, "killed", hf_dir, *LAYOUTS["tp2"])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
     assert _metrics(runs / "killed") == _metrics(full)
 
 
@@ -152,21 +179,45 @@ def _copy_resumable(run: Path, dest: Path, step: int) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["tp2", "ep2"])
-def test_checkpoint_of_a_two_rank_run_resumes_on_one_rank(tmp_path, two_ranks, hf_dir, layout):
+def test_checkpoint_of_a_two_rank_run_resumes_on_one_rank(tmp_path, two_ranks, hf_dir, mcore_dir, layout):
     full = two_ranks(layout)
     resumed = _copy_resumable(full, tmp_path / "runs" / "resumed", step=2)
-    _train(tmp_path / "runs", "resumed", hf_dir)  # the 1-rank layout
+    _train(tmp_path / "runs", "resumed", hf_dir, mcore_dir)  # the 1-rank layout
     _assert_close(resumed, full)
 
 
-def test_a_damaged_checkpoint_is_named_and_the_run_falls_back_to_the_one_before(tmp_path, one_rank, hf_dir):
+def test_a_damaged_checkpoint_is_named_and_the_run_falls_back_to_the_one_before(tmp_path, one_rank, hf_dir,
+                                                                                 mcore_dir, capsys):
     run = _copy_resumable(one_rank, tmp_path / "runs" / "damaged", step=3)
     newest = run / "checkpoints" / "step_000003"
-    victim = max((p for p in newest.rglob("*") if p.is_file() and p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    victim = max((p for p in newest.rglob("*.distcp")), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated, as by a full disk
-    out = subprocess.run(_args(run.parent, "damaged", hf_dir), capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "step_000003" in out.stderr and victim.name in out.stderr  # named, with the file
+    capsys.readouterr()
+    _train(run.parent, "damaged", hf_dir, mcore_dir)
+    err = capsys.readouterr().err
+    assert "step_000003" in err and victim.name in err  # named, with the file
     rows = _rows(run)
     assert rows[-1]["step"] == 3 and rows[-1]["resume/from_step"] == 2 and rows[-1]["resume/skipped_damaged"] == 1
     assert _metrics(run) == _metrics(one_rank)
+
+
+def test_a_checkpoint_of_another_model_stops_before_any_work(tmp_path, one_rank, hf_dir, mcore_dir, capsys):
+    """A run folder whose checkpoint holds another architecture (here: its intact manifest says hidden 64)."""
+    import hashlib
+
+    from cookbook.cli import main
+
+    run = _copy_resumable(one_rank, tmp_path / "runs" / "other", step=2)
+    ckpt = run / "checkpoints" / "step_000002"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["model"]["hidden_size"] = 64
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    data = (ckpt / "meta.json").read_bytes()
+    sums["files"]["meta.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "checksums.json").write_text(json.dumps(sums))
+    capsys.readouterr()
+    code = main(_args(run.parent, "other", hf_dir, f"model.mcore_dir={mcore_dir}"))
+    err = capsys.readouterr().err
+    assert code == 2 and "model.hidden_size: checkpoint 64, this run 192" in err and str(ckpt) in err, err
+    assert not (run / "logs" / "rollout.log").exists()  # stopped before any actor started
