@@ -11,8 +11,8 @@ def test_presets_carry_the_reference_numbers():
     assert (moon.model.moe_router_topk, moon.model.num_shared_experts, moon.model.vocab_size) == (6, 2, 163840)
     assert moon.model.q_lora_rank is None and moon.model.routed_scaling_factor == pytest.approx(2.446)
     assert (moon.grpo.lr, moon.grpo.prompts_per_step, moon.grpo.samples_per_prompt) == (2e-6, 64, 32)
-    # the reference's CP=2 and sequence packing are refused until implemented (test_unsupported_settings_are_refused)
-    assert (moon.parallel.tensor, moon.parallel.pipeline, moon.parallel.context, moon.parallel.expert) == (2, 2, 1, 2)
+    assert (moon.parallel.tensor, moon.parallel.pipeline, moon.parallel.context, moon.parallel.expert) == (2, 2, 2, 2)
+    assert moon.grpo.sequence_packing and moon.grpo.packing_max_tokens == 4096
 
     ds = load_config("deepseek-v3-671b")
     assert (ds.model.num_layers, ds.model.hidden_size, ds.model.num_experts, ds.model.first_k_dense_replace) == (
@@ -50,7 +50,7 @@ def test_overrides_are_typed_yaml_values():
     ("grpo.lr=abc", "grpo.lr"),
     ("grpo.steps=1.5", "grpo.steps"),
     ("moe.router_load_balancing_type=foo", "choose one of none, aux_loss"),
-    ("parallel.tensor=3", "does not divide"),
+    ("parallel.tensor=3", "must divide model.num_attention_heads"),
     ("grpo.samples_per_prompt=1", "samples_per_prompt"),
     ("moe.aux_loss_coeff=0.01", "router_load_balancing_type"),
     ("moe.router_bias_update_rate=0.001", "router_enable_expert_bias"),
@@ -96,13 +96,20 @@ def test_pipeline_split_of_two_stages_and_of_one():
         pipeline_stage_layers(27, 2, 14, 12)
 
 
-@pytest.mark.parametrize("preset, override, key", [
-    ("moonlight-16b-a3b", "parallel.context=2", "parallel.context=2 is not supported yet"),
-    ("tiny", "grpo.sequence_packing=true", "grpo.sequence_packing=true is not supported yet"),
-])
-def test_unsupported_settings_are_refused(preset, override, key):
-    with pytest.raises(ConfigError, match=key):
-        load_config(preset, [override])
+def test_context_parallelism_needs_packing_and_a_divisible_row():
+    with pytest.raises(ConfigError, match="parallel.context=2 needs grpo.sequence_packing=true"):
+        load_config("moonlight-16b-a3b", ["grpo.sequence_packing=false"])
+    with pytest.raises(ConfigError, match="grpo.packing_max_tokens=4090 does not split"):
+        load_config("moonlight-16b-a3b", ["grpo.packing_max_tokens=4090"])
+
+
+def test_on_cpu_the_trainer_world_is_what_the_layout_needs():
+    assert load_config("tiny").world_size == 1
+    assert load_config("tiny", ["parallel.expert=2"]).world_size == 2  # EP ranks are data-parallel ranks
+    assert load_config("tiny", ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"]
+                       ).world_size == 2
+    with pytest.raises(ConfigError, match="= 16 does not divide the 8 processes"):  # on GPUs the world is given
+        load_config("moonlight-16b-a3b", ["parallel.tensor=4"])
 
 
 def test_unknown_preset_suggests_the_closest():
