@@ -126,6 +126,18 @@ def _packed_microbatches(batch: TrainBatch, layout: PackedLayout, device: torch.
     return out
 
 
+def _reset_aux_loss_scale() -> None:
+    """Megatron's schedules set the MoE aux-loss gradient scale by copying a ``[1]`` tensor into the one they
+    find; an aux-loss backward outside a schedule (``forward_logits(...).backward()`` in a notebook or a test)
+    leaves a 0-dim default there (``moe_utils.MoEAuxLossAutoScaler``) and the copy then fails ("output with
+    shape [] doesn't match the broadcast shape [1]"). Drop such a default so the schedule sets its own."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    if scale is not None and scale.dim() == 0:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 def _run_schedule(model: torch.nn.Module, microbatches: list[dict], loss: Callable, forward_only: bool,
                   hidden_states: bool = False) -> list:
     """Megatron's schedule for this layout over the micro-batches; the last stage's loss outputs.
@@ -138,6 +150,7 @@ def _run_schedule(model: torch.nn.Module, microbatches: list[dict], loss: Callab
 
     # each micro-batch's loss is already normalized by the global batch: the schedule must not rescale it
     model.config.calculate_per_token_loss = True
+    _reset_aux_loss_scale()
     packed = "packed_seq_params" in microbatches[0]
     # packed rows differ in length: pipeline stages then send each activation's shape first
     model.config.variable_seq_lengths = packed

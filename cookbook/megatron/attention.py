@@ -41,6 +41,8 @@ class MLACoreAttention(MegatronModule):
     output ``[s, b, h * dv]``; packed sequences (``thd``: ``[t, h, d]`` with ``cu_seqlens``) attend
     within their own segment only."""
 
+    cp_group = None  # the context-parallel group when CP > 1
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -71,7 +73,7 @@ class MLACoreAttention(MegatronModule):
             raise NotImplementedError("MLACoreAttention does not take an attention bias")
         dropout = self.dropout_p if self.training else 0.0
         if packed_seq_params is not None:
-            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = getattr(packed_seq_params, "cu_seqlens_q_padded", None)  # the layout, when samples are padded
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
             if self.cp_group is not None and self.cp_group.size() > 1:
                 if query.dim() == 4:

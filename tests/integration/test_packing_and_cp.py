@@ -37,6 +37,10 @@ tokens, where every layout still matched at 9.5e-7) and the first test asserts i
 ten times the rounding: in this batch no near-tie exists, and a change that creates one fails with that message
 instead of as a false bug.
 
+The Moonlight reference layout, TP2 PP2 CP2 EP2 ETP2, needs 8 processes (too many for these tests on 2 cores);
+run by hand (``cp_probe.py layouts --layouts moonlight`` as 8 ranks, 62 s) it matched as well: log-probs 9.5e-7,
+loss 8.4e-9, metrics 2.0e-7, grad norm 5.1e-8, gradients 1.2e-6, log-probs after the step 4.3e-6.
+
 Timing on 2 cores: about 60 s for the module (prepare 14 s, reference 8 s, six layouts in one 2-process run 32 s).
 """
 import json
