@@ -30,7 +30,7 @@ RTOL = 1e-4
 LAYOUTS = {
     "tp2": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
     "ep2": ["parallel.expert=2"],
-    "cp2": ["parallel.context=2", "grpo.sequence_packing=true", "grpo.packing_max_tokens=64"],
+    "cp2": ["parallel.context=2", "grpo.sequence_packing=true", "grpo.packing_max_tokens=128"],
 }
 
 
