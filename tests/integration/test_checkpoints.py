@@ -9,69 +9,21 @@ run's next step: the layouts only change summation order (tests/integration/test
 AdamW step (lr 1e-3) turns that into weight differences far below lr: asserted < 1e-5.
 """
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import run_probe
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("checkpoint_probe.py")
-ROOT = Path(__file__).parents[2]
 LAYOUTS = ("tp2", "ep2")
 STEP_TOL = 1e-5
 
 
-def _result(stdout: str) -> dict:
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
-def _run(args: tuple, world: int, env: dict, timeout: float = 600) -> tuple[list[int], list[str], list[str]]:
-    """Start ``world`` ranks; as soon as one fails, stop the others (they would wait for it in a collective
-    until gloo's 30-minute timeout). Returns exit codes, stdouts, stderrs."""
-    with tempfile.TemporaryDirectory() as logs:
-        outs = [(open(f"{logs}/{r}.out", "w+"), open(f"{logs}/{r}.err", "w+")) for r in range(world)]
-        procs = [subprocess.Popen([sys.executable, str(PROBE), *args], env=dict(env, RANK=str(r)), stdout=o, stderr=e,
-                                  text=True) for r, (o, e) in enumerate(outs)]
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait()
-                break
-            time.sleep(0.2)
-        texts = []
-        for o, e in outs:
-            o.seek(0), e.seek(0)
-            texts.append((o.read(), e.read()))
-            o.close(), e.close()
-    return [p.returncode for p in procs], [t[0] for t in texts], [t[1] for t in texts]
-
-
 def _probe(*args: str, world: int = 1) -> dict:
-    """Run the probe as ``world`` processes of one job (or one plain process); rank 0's result. A port taken
-    between ``free_port`` and the rendezvous (other jobs start servers too) gets one more try on another."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    env.pop("RANK", None)
-    for attempt in (1, 2):
-        if world > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
-        codes, stdouts, stderrs = _run(args, world, env)
-        if all(c == 0 for c in codes):
-            return _result(stdouts[0])
-        errors = "\n".join(f"rank {r} (exit {c}): {err[-3000:]}" for r, (c, err) in enumerate(zip(codes, stderrs)))
-        if attempt == 1 and world > 1 and "EADDRINUSE" in errors:
-            continue
-        raise AssertionError(errors)
+    return run_probe(PROBE, *args, world=world)
 
 
 @pytest.fixture(scope="module")

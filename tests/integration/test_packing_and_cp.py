@@ -43,38 +43,21 @@ loss 8.4e-9, metrics 2.0e-7, grad norm 5.1e-8, gradients 1.2e-6, log-probs after
 
 Timing on 2 cores: about 60 s for the module (prepare 14 s, reference 8 s, six layouts in one 2-process run 32 s).
 """
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import run_probe
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("cp_probe.py")
-ROOT = Path(__file__).parents[2]
 LAYOUTS = ("tp2", "dp2", "ep2", "pp2", "cp2", "cp2ep2")
 FORWARD_TOL, GRAD_TOL, AFTER_STEP_TOL = 1e-5, 1e-4, 1e-4
 ROUTER_MARGIN = 1e-5  # no token's top-k choice is closer than this: no layout can flip an expert (see above)
 
 
-def _result(stdout: str) -> dict:
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
 def _probe(*args: str, world: int = 1) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    if world > 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
-    procs = [subprocess.Popen([sys.executable, str(PROBE), *args], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in outs)
-    return _result(outs[0][0])
+    return run_probe(PROBE, *args, world=world)
 
 
 @pytest.fixture(scope="module")

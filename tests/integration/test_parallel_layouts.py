@@ -12,7 +12,6 @@ Tolerances (fp32 throughout; measured values in BENCHMARKS.md, "Multi-GPU layout
 - the HF model loaded from the synced weights against the trainer: fp32 HF vs Megatron kernels (the
   conversion test's 1e-5 on logits), measured <= 1e-6, asserted < 1e-5.
 """
-import json
 import os
 import subprocess
 import sys
@@ -20,30 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import ROOT, run_probe
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("parallel_probe.py")
-ROOT = Path(__file__).parents[2]
 LAYOUTS = ("tp2", "ep2", "pp2", "tp2ep2")
 FORWARD_TOL, GRAD_TOL, AFTER_STEPS_TOL, SYNC_TOL = 1e-5, 1e-4, 1e-4, 1e-5
 
 
-def _result(stdout: str) -> dict:
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
-
-
 def _probe(*args: str, world: int = 1, extra_env: dict | None = None) -> dict:
-    """Run the probe as ``world`` processes of one job (or one plain process); rank 0's result."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore", **(extra_env or {}))
-    if world > 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
-    procs = [subprocess.Popen([sys.executable, str(PROBE), *args], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in outs)
-    return _result(outs[0][0])
+    return run_probe(PROBE, *args, world=world, extra_env=extra_env)
 
 
 @pytest.fixture(scope="module")

@@ -90,4 +90,4 @@ def test_30_grpo_on_tiny(run_dir, notebook):
     assert not _streams(out, "stderr"), _streams(out, "stderr")[:3]
     assert "IProgress not found" not in out.read_text()
     assert "not loaded from checkpoint" in (run / "logs" / "rollout.log").read_text()  # vLLM's reload, logged
-    assert (run / "logs" / "trainer.log").is_file() and (run / "logs" / "driver.log").is_file()
+    assert (run / "logs" / "trainer-0.log").is_file() and (run / "logs" / "driver.log").is_file()
