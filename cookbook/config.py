@@ -23,7 +23,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PRESETS = ("tiny", "moonlight-16b-a3b", "deepseek-v3-671b")
+PRESETS = ("tiny", "moonlight-1gpu", "moonlight-16b-a3b", "deepseek-v3-671b")
 
 
 class ConfigError(ValueError):
@@ -233,6 +233,29 @@ _MOONLIGHT: dict[str, Any] = {
     },
 }
 
+# Moonlight's architecture (MLA dims, 64 routed experts top-6 + 2 shared, first layer dense, vocabulary 163840)
+# with fewer layers and a smaller hidden size, so that trainer and rollout fit one GPU together; it starts from a
+# synthetic (random) HF checkpoint (cookbook.models.synthetic), so its runs measure the system, not learning.
+_MOONLIGHT_1GPU: dict[str, Any] = {
+    "model": {
+        "name": "moonlight-1gpu", "vocab_size": 163840, "hidden_size": 1024, "num_layers": 4,
+        "num_attention_heads": 16, "ffn_hidden_size": 2816, "moe_ffn_hidden_size": 704,
+        "num_experts": 64, "moe_router_topk": 6, "num_shared_experts": 2, "first_k_dense_replace": 1,
+        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.446,
+        "rope_theta": 50000.0, "rope_scaling_factor": 1.0, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "params_dtype": "bfloat16",
+    },
+    "parallel": {"num_nodes": 1, "gpus_per_node": 1, "rollout_tensor": 1, "rollout_gpu_memory_utilization": 0.5},
+    "data": {"source": "generated", "num_train": 4000, "num_test": 200, "max_test_examples": 200},
+    # the recipe's sampling and loss settings; the batch scaled to one GPU (the reference: 64 x 32, 1024 / 2048)
+    "grpo": {
+        "steps": 20, "lr": 2e-6, "prompts_per_step": 16, "samples_per_prompt": 16, "micro_batch_size": 1,
+        "max_prompt_length": 256, "max_response_length": 256, "sequence_packing": True, "packing_max_tokens": 4096,
+        "eval_every": 5, "save_every": 10,
+    },
+}
+
 _DEEPSEEK_V3: dict[str, Any] = {
     "model": {
         "name": "deepseek-v3-671b", "vocab_size": 129280, "hidden_size": 7168, "num_layers": 61,
@@ -262,12 +285,13 @@ _DEEPSEEK_V3: dict[str, Any] = {
 
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
+    "moonlight-1gpu": _MOONLIGHT_1GPU,
     "moonlight-16b-a3b": _MOONLIGHT,
     "deepseek-v3-671b": _DEEPSEEK_V3,
 }
 
 # The fewest GPUs each real preset needs (trainer layout divisibility; recipe-facts.md).
-MIN_GPUS = {"tiny": 0, "moonlight-16b-a3b": 8, "deepseek-v3-671b": 128}
+MIN_GPUS = {"tiny": 0, "moonlight-1gpu": 1, "moonlight-16b-a3b": 8, "deepseek-v3-671b": 128}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "moe.router_load_balancing_type": ("none", "aux_loss", "seq_aux_loss", "global_aux_loss"),

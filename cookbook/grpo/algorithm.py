@@ -218,10 +218,12 @@ def mismatch_metrics(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mas
     """
     m = mask.bool()
     if not m.any():
-        return {"abs_diff_mean": 0.0, "abs_diff_max": 0.0, "kl_k3": 0.0, "frac_over_threshold": 0.0}
+        return {"abs_diff_mean": 0.0, "abs_diff_p99": 0.0, "abs_diff_max": 0.0, "kl_k3": 0.0,
+                "frac_over_threshold": 0.0}
     diff = (trainer_logp - rollout_logp)[m].double()
     return {
         "abs_diff_mean": float(diff.abs().mean()),
+        "abs_diff_p99": float(torch.quantile(diff.abs(), 0.99)),
         "abs_diff_max": float(diff.abs().max()),
         "kl_k3": float(kl_estimate(rollout_logp[m].double(), trainer_logp[m].double(), "k3").mean()),
         "frac_over_threshold": float((diff.abs() > threshold).double().mean()),

@@ -81,6 +81,7 @@ def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfi
         "reward/solve_all": float((per_prompt.min(1) == 1).mean()),
         "reward/solve_none": float((per_prompt.max(1) == 0).mean()),
         "response/length_mean": float(lengths.mean()),
+        "response/tokens": int(lengths.sum()),
         "response/clip_ratio": float(np.mean([s.finish_reason == "length" for s in samples])),
         "time/reward": time.perf_counter() - t0,
     }
@@ -152,8 +153,14 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             t0 = time.perf_counter()
             samples, rewards, metrics = rollout_step(rollout, prompts, cfg, step)
             metrics["time/rollout"] = time.perf_counter() - t0 - metrics["time/reward"]
+            metrics["perf/rollout_tokens_per_s"] = metrics["response/tokens"] / metrics["time/rollout"]
             advantages = group_advantages(rewards, g.samples_per_prompt, method=g.advantage, eps=g.advantage_eps)
 
+            if cfg.parallel.gpus_per_node:
+                metrics["memory/device_after_rollout_gib"] = ray.get(rollout.device_memory_gib.remote())
+            metrics["time/offload"] = ray.get(rollout.sleep.remote())  # GPU: vLLM frees its KV cache for training
+            if cfg.parallel.gpus_per_node:
+                metrics["memory/device_after_offload_gib"] = ray.get(rollout.device_memory_gib.remote())
             t0 = time.perf_counter()
             batch = ray.put({"prompt_ids": [s.prompt_ids for s in samples],
                              "response_ids": [s.response_ids for s in samples],
@@ -162,9 +169,11 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             metrics.update(trainer.call("train_step", batch, step))
             metrics["time/train"] = time.perf_counter() - t0
 
+            wake = ray.get(rollout.wake_up.remote(["weights"]))
             t0 = time.perf_counter()
             sync = trainer.call("sync_weights", rollout, bucket_bytes)
             metrics["time/sync"] = time.perf_counter() - t0
+            metrics["time/wake"] = wake + ray.get(rollout.wake_up.remote(["kv_cache"]))
             metrics.update({f"sync/{k}": v for k, v in sync.items()})
             metrics.update(resumed)
             resumed = {}

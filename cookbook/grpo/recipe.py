@@ -69,7 +69,7 @@ def summary_tables(run_dir: str | os.PathLike):
     accuracy = pd.DataFrame({"step": steps, f"eval accuracy ({mode} reward)": acc}).set_index("step")
     if len(accuracy) > 2:
         accuracy = accuracy.iloc[[0, -1]]
-    phases = ("rollout", "reward", "train", "sync", "eval", "step")
+    phases = ("rollout", "reward", "offload", "train", "wake", "sync", "eval", "step")
     timing = {p: [r[f"time/{p}"] for r in rows if r.get(f"time/{p}") is not None] for p in phases}
     timing_df = pd.DataFrame([{"phase": p, "mean seconds": sum(v) / len(v), "steps": len(v)}
                               for p, v in timing.items() if v]).set_index("phase")

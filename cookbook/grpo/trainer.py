@@ -33,6 +33,29 @@ def trainer_model_config(cfg: CookbookConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("hf_dir", "mcore_dir")}
 
 
+def rollout_tensors(bucket: dict[str, torch.Tensor], cfg: CookbookConfig) -> dict[str, torch.Tensor]:
+    """A bucket in the rollout engine's dtype (bf16 on GPUs), the router's expert bias kept in fp32 as in the
+    checkpoints; on CUDA when the trainer is (a one-rank group hands over its own tensors)."""
+    from cookbook.megatron.model import DTYPES
+    from cookbook.rollout.backends import rollout_dtype
+
+    dtype = DTYPES[rollout_dtype(cfg)]
+    return {name: (t if not t.is_floating_point() or name.endswith("e_score_correction_bias") else t.to(dtype)
+                   ).contiguous() for name, t in bucket.items()}
+
+
+def bucket_message(bucket: dict[str, torch.Tensor]) -> "bytes | dict":
+    """What travels to the rollout engine: CUDA IPC handles of tensors on the GPU the engine shares (no copy;
+    the sender keeps them alive until the engine has loaded them), else safetensors bytes."""
+    if next(iter(bucket.values())).is_cuda:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        return {name: reduce_tensor(t) for name, t in bucket.items()}
+    from safetensors.torch import save
+
+    return save(bucket)
+
+
 class TrainerRank:
     """One trainer rank (a Ray actor); ``rank`` 0 also talks to the rollout engine."""
 
@@ -88,6 +111,8 @@ class TrainerRank:
         from cookbook.grpo.parallel_step import batch_from_rollout, forward_logprobs, train_on_batch
 
         g, t0 = self.cfg.grpo, time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         # grpo.sequence_packing: the step trains in packed rows; tensors here stay in the padded [B, L - 1] layout
         tb = batch_from_rollout(batch["prompt_ids"], batch["response_ids"], batch["advantages"], self.pad_id,
                                 packing=PackingSpec.from_config(self.cfg))
@@ -107,6 +132,8 @@ class TrainerRank:
                                       pad_id=self.pad_id, fused=self.fused))
         tokens = sum(len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"]))
         metrics["perf/train_tokens_per_s"] = tokens / (time.perf_counter() - t0)  # batch tokens / step time
+        if torch.cuda.is_available():
+            metrics["memory/train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
 
     # -- weights out ---------------------------------------------------------------------------------
@@ -114,7 +141,6 @@ class TrainerRank:
         """Push the policy's HF-named weights to the rollout engine in buckets of whole layers of at most
         ``bucket_bytes`` (a larger layer goes alone): every rank takes part in each gather, rank 0 sends."""
         import ray
-        from safetensors.torch import save
 
         from cookbook.megatron.parallel import iter_hf_buckets
 
@@ -124,9 +150,10 @@ class TrainerRank:
             ray.get(rollout.begin_weight_update.remote())
         for bucket in iter_hf_buckets(self.model, bucket_bytes):
             if self.rank == 0:
+                bucket = rollout_tensors(bucket, self.cfg)
                 size = sum(t.numel() * t.element_size() for t in bucket.values())
                 nbytes, largest, count = nbytes + size, max(largest, size), count + 1
-                ray.get(rollout.load_weight_bucket.remote(save(bucket)))
+                ray.get(rollout.load_weight_bucket.remote(bucket_message(bucket)))
         if self.rank == 0:
             ray.get(rollout.finish_weight_update.remote())
         seconds = time.perf_counter() - t0

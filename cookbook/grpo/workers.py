@@ -59,6 +59,8 @@ def start_workers(cfg: CookbookConfig) -> Workers:
     pg = create_placement_group(plan)
     rollout = ray.remote(logged(RolloutWorker, cfg.run_dir, "rollout")).options(
         **actor_options(plan, pg, "rollout", 0)).remote(hf_dir, cfg)
+    if cfg.parallel.gpus_per_node:  # vLLM sizes its memory from what is free: let it start before the trainer
+        ray.get(rollout.ready.remote())
     pad_id = int(read_hf_config(hf_dir).get("pad_token_id") or 0)
     trainer = start_trainer_group(cfg, plan, pg, mcore, pad_id)
     ray.get(rollout.ready.remote())

@@ -259,10 +259,11 @@ def _contributions(model: torch.nn.Module, grads: bool, groups: Optional[set[str
         yield global_name, shard_rank, dim, _is_glu_fc1(name, model), tensor.detach()
 
 
-def _local_pieces(model: torch.nn.Module, grads: bool, groups: Optional[set[str]] = None
+def _local_pieces(model: torch.nn.Module, grads: bool, groups: Optional[set[str]] = None, to_cpu: bool = True
                   ) -> dict[str, tuple[int, int, bool, torch.Tensor]]:
-    """``_contributions`` as CPU copies, ready to send: global name -> (shard rank, dim, glu, data)."""
-    return {name: (shard, dim, glu, t.cpu().clone()) for name, shard, dim, glu, t in
+    """``_contributions`` as copies ready to send (on the CPU), or, for one rank, the tensors themselves where
+    they are: global name -> (shard rank, dim, glu, data)."""
+    return {name: (shard, dim, glu, t.cpu().clone() if to_cpu else t) for name, shard, dim, glu, t in
             _contributions(model, grads, groups)}
 
 
@@ -320,8 +321,12 @@ def iter_full_tensor_buckets(model: torch.nn.Module, bucket_bytes: int, dst: int
                              ) -> Iterator[dict[str, torch.Tensor]]:
     """The model's full tensors (single-process names) one bucket at a time, gathered on global rank ``dst``
     (other ranks get empty dicts and must iterate in step: every bucket is a collective). Peak extra memory on
-    ``dst`` is one bucket (or the largest layer), not the model."""
+    ``dst`` is one bucket (or the largest layer), not the model. A group of one rank gathers nothing: its
+    tensors come as they are, on their device."""
     for groups in plan_buckets(model, bucket_bytes):
+        if dist.get_world_size() == 1:
+            yield _join_pieces([_local_pieces(model, grads=False, groups=set(groups), to_cpu=False)])
+            continue
         everyone: Optional[list[dict]] = [None] * dist.get_world_size() if dist.get_rank() == dst else None
         dist.gather_object(_local_pieces(model, grads=False, groups=set(groups)), everyone, dst=dst)
         yield _join_pieces(everyone) if everyone is not None else {}

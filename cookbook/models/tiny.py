@@ -178,9 +178,14 @@ def build_tiny_model(cfg: CookbookConfig, cache_dir: str | Path | None = None, f
 
 
 def resolve_hf_dir(cfg: CookbookConfig) -> Path:
-    """The policy's HF directory: the cached tiny build, or the user's download checked against the preset."""
+    """The policy's HF directory: the cached tiny build, the cached synthetic checkpoint of ``moonlight-1gpu``, or
+    the user's download checked against the preset."""
     if cfg.preset == "tiny" and not cfg.model.hf_dir:
         return build_tiny_model(cfg)
+    if cfg.preset == "moonlight-1gpu" and not cfg.model.hf_dir:
+        from cookbook.models.synthetic import build_synthetic_model
+
+        return build_synthetic_model(cfg)
     if not cfg.model.hf_dir:
         source = {"moonlight-16b-a3b": "moonshotai/Moonlight-16B-A3B-Instruct",
                   "deepseek-v3-671b": "deepseek-ai/DeepSeek-V3-0324"}[cfg.preset]

@@ -8,7 +8,7 @@ project would then compute different numbers, or fail, depending on the CPU. So 
 - CPU: ``CPU_MLA`` (SDPA prefill, the reference decode kernel), with the model's dtype (fp32 for ``tiny``).
   ``AMX_MLA`` is not offered: its bf16 weight packing has not been checked against HF log-probs, and the CPU
   fixes in ``cookbook.rollout.compat`` were measured on ``CPU_MLA``.
-- GPU: ``FLASH_ATTN_MLA`` (FlashAttention-3 prefill on Hopper), which needs bf16 or fp16.
+- GPU: ``FLASH_ATTN_MLA`` (FlashAttention-3 prefill on Hopper), in bf16 (vLLM's GPU MLA backends refuse fp32).
 
 After the engine is built, ``check_selected`` compares what vLLM actually selected with this choice.
 """
@@ -31,8 +31,9 @@ def attention_backend(cfg: CookbookConfig) -> str:
 
 
 def rollout_dtype(cfg: CookbookConfig) -> str:
-    """The rollout engine's dtype: the trainer's parameter dtype (vLLM's GPU MLA backends need bf16)."""
-    return cfg.model.params_dtype
+    """The rollout engine's dtype: bf16 on GPUs (vLLM's GPU MLA backends refuse fp32; the trainer may keep fp32
+    weights, the sync casts them), the trainer's parameter dtype on CPU (fp32 for ``tiny``)."""
+    return "bfloat16" if on_gpu(cfg) else cfg.model.params_dtype
 
 
 def vllm_default_on_this_cpu() -> str:

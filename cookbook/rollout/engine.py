@@ -58,8 +58,9 @@ class RolloutWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         g, p = cfg.grpo, cfg.parallel
         kwargs: dict[str, Any] = {}
-        if p.gpus_per_node:
-            kwargs["gpu_memory_utilization"] = p.rollout_gpu_memory_utilization
+        self.on_gpu = backends.on_gpu(cfg)
+        if self.on_gpu:  # colocated with the trainer: sleep releases the KV cache while the trainer works
+            kwargs.update(gpu_memory_utilization=p.rollout_gpu_memory_utilization, enable_sleep_mode=p.colocate)
         self.llm = LLM(
             model=hf_dir, dtype=backends.rollout_dtype(cfg), attention_backend=backends.attention_backend(cfg),
             max_model_len=g.max_prompt_length + g.max_response_length, seed=cfg.seed, enforce_eager=True,
@@ -115,15 +116,43 @@ class RolloutWorker:
     def begin_weight_update(self) -> None:
         self.llm.collective_rpc("cookbook_begin_update")
 
-    def load_weight_bucket(self, data: bytes) -> int:
-        """One bucket of HF-named weights (whole layers) as safetensors bytes; returns how many tensors.
-        Bytes travel through Ray's object store, so the trainer rank that sends them may live on another node;
-        vLLM's RPC cannot take tensors, so they reach its worker as a file in shared memory."""
+    def load_weight_bucket(self, data: Union[bytes, dict[str, Any]]) -> int:
+        """One bucket of HF-named weights (whole layers); returns how many tensors.
+
+        On CPU: safetensors bytes, which travel through Ray's object store (the sending trainer rank may live on
+        another node) and reach vLLM's worker as a file in shared memory (its RPC cannot pickle CPU tensors).
+        On GPU: CUDA IPC handles of the sender's tensors on the same GPU (``cuda_ipc_handles``), opened here
+        without a copy and loaded in-process (the engine runs in this process), no file, no host round trip."""
+        if isinstance(data, dict):
+            tensors = {name: rebuild(*args) for name, (rebuild, args) in data.items()}
+            return self.llm.collective_rpc("cookbook_load_bucket", args=(tensors,))[0]
         self._sync_file.write_bytes(data)
         try:
             return self.llm.collective_rpc("cookbook_load_bucket", args=(str(self._sync_file),))[0]
         finally:
             self._sync_file.unlink(missing_ok=True)
+
+    def device_memory_gib(self) -> float:
+        """GPU memory in use on this engine's device, by every process (the colocated trainer's too); 0 on CPU."""
+        if not self.on_gpu:
+            return 0.0
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+
+    def sleep(self) -> float:
+        """Release the KV cache and offload the weights to host memory while the trainer uses the GPU (vLLM's
+        sleep mode, level 1); returns the seconds it took. A no-op on CPU, where vLLM has no sleep mode."""
+        t0 = time.perf_counter()
+        if self.on_gpu and self.cfg.parallel.colocate:
+            self.llm.sleep(level=1)
+        return time.perf_counter() - t0
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> float:
+        """Bring back the weights (``tags=["weights"]``, before a weight update), the KV cache, or both."""
+        t0 = time.perf_counter()
+        if self.on_gpu and self.cfg.parallel.colocate:
+            self.llm.wake_up(tags=tags)
+        return time.perf_counter() - t0
 
     def finish_weight_update(self) -> None:
         """Refuse an update that left a weight stale; redo the CPU MoE packing once for all layers."""

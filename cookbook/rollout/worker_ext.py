@@ -45,10 +45,12 @@ class WeightSyncExtension:
     def cookbook_begin_update(self) -> None:
         self._cookbook_unloaded: set[str] | None = None
 
-    def cookbook_load_bucket(self, path: str) -> int:
-        from safetensors.torch import load_file
+    def cookbook_load_bucket(self, weights: "str | dict") -> int:
+        """A bucket as a safetensors file path (CPU) or as tensors handed over in-process (GPU)."""
+        if isinstance(weights, str):
+            from safetensors.torch import load_file
 
-        weights = load_file(path)
+            weights = load_file(weights)
         report = _ReloadWarnings()
         loggers = [logging.getLogger(name) for name in RELOAD_LOGGERS]
         for logger in loggers:
