@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--fused-steps", type=int, default=0, help="steps of the fused run (0: the preset's)")
     parser.add_argument("--baselines", action="store_true", help="also measure vLLM alone and the d2d copy")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
 
     from cookbook.config import load_config
 
