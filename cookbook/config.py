@@ -237,15 +237,8 @@ _MOONLIGHT: dict[str, Any] = {
 # with fewer layers and a smaller hidden size, so that trainer and rollout fit one GPU together; it starts from a
 # synthetic (random) HF checkpoint (cookbook.models.synthetic), so its runs measure the system, not learning.
 _MOONLIGHT_1GPU: dict[str, Any] = {
-    "model": {
-        "name": "moonlight-1gpu", "vocab_size": 163840, "hidden_size": 1024, "num_layers": 4,
-        "num_attention_heads": 16, "ffn_hidden_size": 2816, "moe_ffn_hidden_size": 704,
-        "num_experts": 64, "moe_router_topk": 6, "num_shared_experts": 2, "first_k_dense_replace": 1,
-        "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.446,
-        "rope_theta": 50000.0, "rope_scaling_factor": 1.0, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "params_dtype": "bfloat16",
-    },
+    "model": {**_MOONLIGHT["model"], "name": "moonlight-1gpu", "hidden_size": 1024, "num_layers": 4,
+              "ffn_hidden_size": 2816, "moe_ffn_hidden_size": 704, "max_position_embeddings": 4096},
     "parallel": {"num_nodes": 1, "gpus_per_node": 1, "rollout_tensor": 1, "rollout_gpu_memory_utilization": 0.5},
     "data": {"source": "generated", "num_train": 4000, "num_test": 200, "max_test_examples": 200},
     # the recipe's sampling and loss settings; the batch scaled to one GPU (the reference: 64 x 32, 1024 / 2048)
