@@ -88,6 +88,32 @@ def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfi
     return samples, rewards, metrics
 
 
+def offload_rollout(rollout: Any, cfg: CookbookConfig) -> dict[str, float]:
+    """Before training: on a GPU, vLLM (colocated) frees its KV cache and offloads its weights (sleep mode);
+    the GPU memory in use before and after, for the log. Nothing to do on CPU."""
+    import ray
+
+    metrics = {}
+    if cfg.parallel.gpus_per_node:
+        metrics["memory/device_after_rollout_gib"] = ray.get(rollout.device_memory_gib.remote())
+    metrics["time/offload"] = ray.get(rollout.sleep.remote())
+    if cfg.parallel.gpus_per_node:
+        metrics["memory/device_after_offload_gib"] = ray.get(rollout.device_memory_gib.remote())
+    return metrics
+
+
+def sync_rollout(trainer: Any, rollout: Any, bucket_bytes: int) -> dict[str, float]:
+    """After training: wake vLLM's weights, push the new ones in buckets, then wake its KV cache."""
+    import ray
+
+    wake = ray.get(rollout.wake_up.remote(["weights"]))
+    t0 = time.perf_counter()
+    sync = trainer.call("sync_weights", rollout, bucket_bytes)
+    metrics = {"time/sync": time.perf_counter() - t0,
+               "time/wake": wake + ray.get(rollout.wake_up.remote(["kv_cache"]))}
+    return metrics | {f"sync/{k}": v for k, v in sync.items()}
+
+
 def export_hf(cfg: CookbookConfig, staging: Path) -> Path:
     """The trained policy's torch_dist save as an HF directory, through notebook 20's exporter."""
     import shutil
@@ -156,11 +182,7 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             metrics["perf/rollout_tokens_per_s"] = metrics["response/tokens"] / metrics["time/rollout"]
             advantages = group_advantages(rewards, g.samples_per_prompt, method=g.advantage, eps=g.advantage_eps)
 
-            if cfg.parallel.gpus_per_node:
-                metrics["memory/device_after_rollout_gib"] = ray.get(rollout.device_memory_gib.remote())
-            metrics["time/offload"] = ray.get(rollout.sleep.remote())  # GPU: vLLM frees its KV cache for training
-            if cfg.parallel.gpus_per_node:
-                metrics["memory/device_after_offload_gib"] = ray.get(rollout.device_memory_gib.remote())
+            metrics.update(offload_rollout(rollout, cfg))
             t0 = time.perf_counter()
             batch = ray.put({"prompt_ids": [s.prompt_ids for s in samples],
                              "response_ids": [s.response_ids for s in samples],
@@ -169,12 +191,7 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             metrics.update(trainer.call("train_step", batch, step))
             metrics["time/train"] = time.perf_counter() - t0
 
-            wake = ray.get(rollout.wake_up.remote(["weights"]))
-            t0 = time.perf_counter()
-            sync = trainer.call("sync_weights", rollout, bucket_bytes)
-            metrics["time/sync"] = time.perf_counter() - t0
-            metrics["time/wake"] = wake + ray.get(rollout.wake_up.remote(["kv_cache"]))
-            metrics.update({f"sync/{k}": v for k, v in sync.items()})
+            metrics.update(sync_rollout(trainer, rollout, bucket_bytes))
             metrics.update(resumed)
             resumed = {}
 
