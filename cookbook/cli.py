@@ -131,6 +131,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Notebook 90: compare run folders (``build_report``): figures and tables into --out."""
+    from pathlib import Path
+
+    from cookbook.analysis.report import build_report
+
+    def typed(path: str) -> str:  # as typed from here when it exists; else the project root's (as the notebook)
+        return str(Path(path).absolute()) if path and Path(path).exists() else path
+
+    groups = {}
+    for spec in args.group:
+        name, sep, members = spec.partition("=")
+        if not (sep and name and members):
+            raise ConfigError(f"--group {spec!r}: expected NAME=RUN[,RUN...]")
+        groups[name] = [typed(m) for m in members.split(",") if m]
+    out = str(Path(args.out).absolute()) if args.out else ""
+    try:
+        rep = build_report([typed(r) for r in args.runs], args.label, out, groups or None, args.spread)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(rep.text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cookbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="", help="where run folders go (default: runs/)")
     p.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="compare runs (notebook 90): curves side by side, seeds grouped with error "
+                                      "bars, summary table; PNGs and CSVs into --out")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl)")
+    p.add_argument("--out", default="", help="output folder (default: the first run's plots/)")
+    p.add_argument("--label", action="append", default=[], help="a label per run, in order (default: folder names)")
+    p.add_argument("--group", action="append", default=[], metavar="NAME=RUN[,RUN...]",
+                   help="a study group of runs (labels or folders), repeatable (default: <case>-seed<k> names "
+                        "grouped by case)")
+    p.add_argument("--spread", default="minmax", choices=("minmax", "std"),
+                   help="the study's error bars: min-max or +-1 sample std over a group's runs")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="run the notebook sequence on a preset into one run folder (make demo)")
     p.add_argument("--preset", default="tiny", choices=PRESETS)
