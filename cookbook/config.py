@@ -75,6 +75,9 @@ class MoEConfig:
     router_bias_update_rate: float = 0.0
     router_dtype: str = "fp32"  # fp32 | none (model dtype)
     token_dispatcher_type: str = "alltoall"  # alltoall | allgather (CPU needs allgather)
+    # routing replay: none, or r3 (the trainer routes every token to the experts the rollout engine chose; the gates
+    # stay the trainer router's own scores, normalised over those experts; cookbook.megatron.routing)
+    routing_replay: str = "none"
 
 
 @dataclass
@@ -107,7 +110,8 @@ class DataConfig:
     processed_dir: str = ""  # where train.jsonl/test.jsonl go; empty = <run dir>/data
     num_train: int = 4000  # generated rows (source=generated)
     num_test: int = 500
-    max_test_examples: int = 0  # evaluate on at most this many test problems; 0 = all
+    max_test_examples: int = 0  # evaluate on at most this many problems (validation and test); 0 = all
+    validation_size: int = 0  # problems held out for the evaluations during training; 0 = evaluate on test (the reference)
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
     prompt_suffix: str = " Let's think step by step and output the final answer within \\boxed{}."
 
@@ -136,8 +140,17 @@ class GRPOConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"  # k1 | k2 | k3
     entropy_coef: float = 0.0
-    importance_correction: str = "none"  # none | tis (truncated importance sampling, rollout vs trainer)
-    importance_cap: float = 2.0
+    # rollout-vs-trainer correction (algorithm.importance_weights): none | tis (truncated importance sampling) |
+    # token_mask (drop tokens with pi_old / pi_rollout outside [low, high], IcePop; e.g. 0.5 / 2) | seq_mask (drop
+    # sequences whose geometric-mean ratio is outside [low, high], seq-mask-TIS / MIS; e.g. 0.999 / 1.001) |
+    # tis+token_mask | tis+seq_mask
+    importance_correction: str = "none"
+    importance_cap: float = 2.0  # tis: weights min(pi_old / pi_rollout, cap)
+    importance_low: Optional[float] = None  # token_mask / seq_mask bounds, required with them: 0 < low < 1 < high
+    importance_high: Optional[float] = None
+    # ppo: the reference's token-level PPO-clip | gspo: GSPO's sequence-level ratio and clip (algorithm.gspo_loss);
+    # GSPO clips the sequence ratio, so set clip_low / clip_high to about 3e-4 / 4e-4 (the GSPO paper)
+    policy_loss: str = "ppo"
     reward_mode: str = "math_verify"  # math_verify: Hendrycks string match, then math-verify | strict: the reference's
     mismatch_threshold: float = 0.5  # |logp_train - logp_rollout| above which a token counts as mismatched
     temperature: float = 1.0
@@ -147,6 +160,7 @@ class GRPOConfig:
     eval_top_p: float = 0.95
     eval_top_k: int = 20
     eval_every: int = 1
+    eval_pass_k: int = 0  # at the first and last evaluation: pass@1 and pass@k from k samples per problem; 0 = off
     save_every: int = 10
     keep_checkpoints: int = 2  # the newest complete checkpoints kept (an older one is the fallback if the newest is damaged)
     weight_decay: float = 0.01
@@ -197,13 +211,15 @@ _TINY: dict[str, Any] = {
     "model": {"name": "tiny", "params_dtype": "float32", "hidden_size": 192, "moe_ffn_hidden_size": 96,
               "ffn_hidden_size": 384},
     "moe": {"token_dispatcher_type": "allgather"},
-    "data": {"source": "generated", "num_train": 4000, "num_test": 500, "max_test_examples": 500},
+    # validation: 500 problems of the test split's space (the warm-up never saw them), beyond the 500 test problems
+    "data": {"source": "generated", "num_train": 4000, "num_test": 500, "max_test_examples": 500,
+             "validation_size": 500},
     # lr 1e-4 for 20 steps: the gain comes in the first 10-20 steps; longer runs drift back (60 steps kept about
     # two thirds of it), lr 2e-4 and above drift from the start (BENCHMARKS.md, "Tiny GRPO learning")
     "grpo": {
         "steps": 20, "lr": 1e-4, "prompts_per_step": 16, "samples_per_prompt": 8, "num_minibatches": 2,
         "micro_batch_size": 16, "max_prompt_length": 96, "max_response_length": 40,
-        "eval_every": 5, "save_every": 5,
+        "eval_every": 5, "save_every": 5, "eval_pass_k": 8,
     },
 }
 
@@ -290,13 +306,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "moe.router_load_balancing_type": ("none", "aux_loss", "seq_aux_loss", "global_aux_loss"),
     "moe.router_dtype": ("fp32", "none"),
     "moe.token_dispatcher_type": ("alltoall", "allgather"),
+    "moe.routing_replay": ("none", "r3"),
     "model.params_dtype": ("float32", "bfloat16"),
     "parallel.recompute": ("none", "selective", "full"),
     "data.source": ("generated", "local", "modelscope"),
     "grpo.loss_aggregation": ("token_mean", "seq_mean"),
     "grpo.advantage": ("grpo", "drgrpo"),
     "grpo.kl_estimator": ("k1", "k2", "k3"),
-    "grpo.importance_correction": ("none", "tis"),
+    "grpo.importance_correction": ("none", "tis", "token_mask", "seq_mask", "tis+token_mask", "tis+seq_mask"),
+    "grpo.policy_loss": ("ppo", "gspo"),
     "grpo.reward_mode": ("math_verify", "strict"),
     "logging.wandb_mode": ("auto", "offline", "online", "disabled"),
 }
@@ -492,8 +510,37 @@ def validate(cfg: CookbookConfig) -> None:
              p.rollout_gpu_memory_utilization, "must be in (0, 1]")
     _require(p.weight_sync_bucket_mb >= 1, "parallel.weight_sync_bucket_mb", p.weight_sync_bucket_mb, "must be >= 1")
     _require(g.keep_checkpoints >= 1, "grpo.keep_checkpoints", g.keep_checkpoints, "must be >= 1")
+    _require(cfg.data.validation_size >= 0, "data.validation_size", cfg.data.validation_size, "must be >= 0")
+    _require(g.eval_pass_k == 0 or g.eval_pass_k >= 2, "grpo.eval_pass_k", g.eval_pass_k,
+             "must be 0 (off) or >= 2 samples per problem")
 
+    _validate_importance(g)
+    if g.use_fused_kernels and g.policy_loss != "ppo":  # cookbook.grpo.fused_loss.refuse_unfused_options
+        raise ConfigError(f"grpo.policy_loss={g.policy_loss!r} with grpo.use_fused_kernels=true: the fused kernel "
+                          "computes only the token-level PPO-clip loss ('ppo'); set grpo.use_fused_kernels=false or "
+                          "grpo.policy_loss=ppo")
     _validate_layout(cfg)
+
+
+def _validate_importance(g: GRPOConfig) -> None:
+    """The rollout-vs-trainer correction's settings: bounds where a mask uses them, and nowhere else."""
+    parts = g.importance_correction.split("+")
+    if "tis" in parts:
+        _require(g.importance_cap > 0, "grpo.importance_cap", g.importance_cap, "must be > 0")
+    if "token_mask" in parts or "seq_mask" in parts:
+        if g.importance_low is None or g.importance_high is None:
+            raise ConfigError(
+                f"grpo.importance_correction={g.importance_correction!r} needs grpo.importance_low and "
+                "grpo.importance_high (0 < low < 1 < high); starting points: 0.999 / 1.001 for seq_mask (verl's "
+                "async MoE script; NeMo-RL recommends 0.999 / 1.002), 0.5 / 2 for token_mask (IcePop)")
+        if not 0 < g.importance_low < 1 < g.importance_high:
+            raise ConfigError(f"grpo.importance_low={g.importance_low!r}, grpo.importance_high={g.importance_high!r} "
+                              "are not allowed: need 0 < low < 1 < high")
+    elif g.importance_low is not None or g.importance_high is not None:
+        raise ConfigError(
+            f"grpo.importance_low={g.importance_low!r} / grpo.importance_high={g.importance_high!r} have no effect "
+            f"with grpo.importance_correction={g.importance_correction!r}: only token_mask and seq_mask use them; "
+            "leave them unset (null) or choose a masking correction")
 
 
 def _validate_layout(cfg: CookbookConfig) -> None:
@@ -561,8 +608,9 @@ def _validate_packing(cfg: CookbookConfig) -> None:
             f"parallel.tensor={p.tensor}: a packed row must be a multiple of {row} = lcm(2 x context, context x "
             f"tensor) (each CP rank holds 2 chunks of every sample, its share splits over TP); use "
             f"{', '.join(str(v) for v in (lower, upper) if v > 0)}, or parallel.context in {contexts}")
-    _require(g.loss_aggregation == "token_mean", "grpo.loss_aggregation", g.loss_aggregation,
-             "with grpo.sequence_packing=true only token_mean (the reference's) is supported")
+    _require(g.loss_aggregation == "token_mean" or g.policy_loss == "gspo", "grpo.loss_aggregation",
+             g.loss_aggregation, "with grpo.sequence_packing=true only token_mean (the reference's) is supported "
+             "(and seq_mean with grpo.policy_loss=gspo)")
 
 
 def pipeline_stage_layers(num_layers: int, pipeline: int, first: Optional[int], last: Optional[int]) -> list[int]:

@@ -85,6 +85,7 @@ def _identity(cfg: CookbookConfig, tokenizer: Any) -> dict[str, Any]:
                              "suffix": hashlib.sha256(d.prompt_suffix.encode()).hexdigest()[:12],
                              "max_prompt_length": cfg.grpo.max_prompt_length,
                              "tokenizer": tokenizer_identity(tokenizer)}
+    ident["validation_size"] = d.validation_size
     if d.source == "generated":
         ident.update(seed=cfg.seed, num_train=d.num_train, num_test=d.num_test)
     else:
@@ -98,15 +99,38 @@ def _raw_rows(cfg: CookbookConfig, out: Path) -> tuple[dict[str, list], dict[str
     if d.source == "generated":
         from cookbook.data.generate import generate_rows
 
-        return ({"train": generate_rows(d.num_train, cfg.seed, "train"),
-                 "test": generate_rows(d.num_test, cfg.seed, "test")},
-                {"train": "generated train split", "test": "generated test split"}, {})
+        # validation comes from the test split's problem space (the tiny model's warm-up drew from the train
+        # space), after the test problems, which stay the same rows whatever its size
+        test = generate_rows(d.num_test + d.validation_size, cfg.seed, "test")
+        rows = {"train": generate_rows(d.num_train, cfg.seed, "train"), "test": test[:d.num_test]}
+        names = {"train": "generated train split", "test": "generated test split"}
+        if d.validation_size:
+            rows["validation"], names["validation"] = test[d.num_test:], "generated validation split"
+        return rows, names, {}
     from cookbook.data.lighteval import download, load_raw
 
     local = Path(d.local_dir) if d.local_dir else out.parent / "raw"
     if d.source == "modelscope" and not (local.is_dir() and any(local.iterdir())):
         download(d.dataset_id, local)
-    return tuple(load_raw(local))
+    rows, names, ignored = load_raw(local)
+    if d.validation_size:  # MATH-lighteval has no validation split: hold out train problems, seeded
+        rows, names = hold_out_validation(rows, names, d.validation_size, cfg.seed)
+    return rows, names, ignored
+
+
+def hold_out_validation(rows: dict[str, list], names: dict[str, str], size: int, seed: int
+                        ) -> tuple[dict[str, list], dict[str, str]]:
+    """Move ``size`` train rows, drawn under ``seed``, into a validation split."""
+    import random
+
+    train = rows["train"]
+    if size >= len(train):
+        raise ValueError(f"data.validation_size={size} leaves no training problems ({len(train)} train rows in "
+                         f"{names.get('train', 'the train split')}); choose fewer")
+    held = set(random.Random(seed).sample(range(len(train)), size))
+    rows = dict(rows, train=[r for i, r in enumerate(train) if i not in held],
+                validation=[r for i, r in enumerate(train) if i in held])
+    return rows, dict(names, validation=f"{size} rows held out of {names.get('train', 'train')}")
 
 
 def _report(out: Path, cfg: CookbookConfig, manifest: dict[str, Any], reused: bool) -> DataReport:
@@ -118,7 +142,7 @@ def _report(out: Path, cfg: CookbookConfig, manifest: dict[str, Any], reused: bo
 
 def prepare_data(cfg: CookbookConfig, out_dir: Optional[str | Path] = None, force: bool = False,
                  tokenizer: Any = None) -> DataReport:
-    """Generate or load MATH-lighteval, preprocess it, and write train/test JSONL plus a manifest.
+    """Generate or load MATH-lighteval, preprocess it, and write train / (validation) / test JSONL plus a manifest.
 
     Prompts longer than ``grpo.max_prompt_length`` tokens (chat template applied, with ``tokenizer``; by
     default the policy's, ``stats.tokenizer_for(cfg)``) are dropped and counted, as the reference does.
@@ -133,7 +157,7 @@ def prepare_data(cfg: CookbookConfig, out_dir: Optional[str | Path] = None, forc
     manifest_path = out / MANIFEST
     if not force and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("identity") == ident and all((out / f"{s}.jsonl").is_file() for s in ("train", "test")):
+        if manifest.get("identity") == ident and all((out / f"{s}.jsonl").is_file() for s in manifest["counts"]):
             return _report(out, cfg, manifest, reused=True)
     raw, names, ignored = _raw_rows(cfg, out)
     report: PreprocessReport = preprocess(raw, out, cfg.data.prompt_suffix, cfg.data.skip_bad_rows, names,

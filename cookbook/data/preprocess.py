@@ -19,7 +19,8 @@ from cookbook.data.reward import last_boxed
 
 DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
 REQUIRED = ("problem", "solution")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # what MATH-lighteval ships
+OUTPUT_SPLITS = ("train", "validation", "test")  # what preprocessing writes (validation when held out)
 TOO_LONG_EXAMPLES = 5  # per split, kept in the report and the manifest
 
 
@@ -88,7 +89,8 @@ def to_record(row: dict[str, Any], split: str, index: int, prompt_suffix: str) -
 def preprocess(raw: dict[str, list[Any]], out_dir: str | os.PathLike, prompt_suffix: str,
                skip_bad_rows: bool = False, source_names: Optional[dict[str, str]] = None,
                tokenizer: Any = None, max_prompt_length: Optional[int] = None) -> PreprocessReport:
-    """Check every row of every split, then write ``train.jsonl`` and ``test.jsonl`` atomically.
+    """Check every row of every split, then write ``train.jsonl``, ``test.jsonl`` (and ``validation.jsonl`` when
+    ``raw`` has one) atomically.
 
     With ``tokenizer`` and ``max_prompt_length``, records whose chat-templated prompt is longer than
     ``max_prompt_length`` tokens are dropped and counted per split (``SplitReport.too_long``).
@@ -103,6 +105,7 @@ def preprocess(raw: dict[str, list[Any]], out_dir: str | os.PathLike, prompt_suf
     for split in SPLITS:
         if split not in raw:
             raise BadRowError(f"no '{split}' split in the raw data (found: {', '.join(raw) or 'none'})")
+    for split in [s for s in OUTPUT_SPLITS if s in raw]:
         report = SplitReport()
         kept = []
         for n, row in enumerate(raw[split], 1):
@@ -125,7 +128,8 @@ def preprocess(raw: dict[str, list[Any]], out_dir: str | os.PathLike, prompt_suf
                                   "to skip and count such rows")
         report.written = len(kept)
         records[split], reports[split] = kept, report
-    for split in SPLITS:
+    (out_dir / "validation.jsonl").unlink(missing_ok=True)  # a previous run's, if this one has none
+    for split in records:
         write_jsonl(out_dir / f"{split}.jsonl", records[split])
     return PreprocessReport(out_dir, reports, limit)
 

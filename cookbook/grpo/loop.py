@@ -33,18 +33,28 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def data_files(cfg: CookbookConfig) -> tuple[Path, Path]:
+PASS_K_PROBLEMS = 128  # pass@k is measured on the first this-many evaluation problems (k samples each)
+
+
+def data_files(cfg: CookbookConfig) -> tuple[Path, Path, Path]:
+    """(train, the split evaluated during training, test): validation when ``data.validation_size`` holds one
+    out, else test, as the reference evaluates."""
     root = Path(cfg.data.processed_dir) if cfg.data.processed_dir else cfg.run_dir / "data"
     train, test = root / "train.jsonl", root / "test.jsonl"
-    if not train.is_file() or not test.is_file():
+    during = root / "validation.jsonl" if cfg.data.validation_size else test
+    missing = [str(p) for p in (train, during, test) if not p.is_file()]
+    if missing:
         raise FileNotFoundError(
-            f"{train} / {test} not found: run notebook 10_data (or `cookbook data`) for this run first, "
+            f"{' / '.join(missing)} not found: run notebook 10_data (or `cookbook data`) for this run first, "
             "or set data.processed_dir to a folder that has them")
-    return train, test
+    return train, during, test
 
 
-def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig) -> dict[str, float]:
-    """Accuracy and mean response length on the test split with the reference's eval sampling.
+def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig, prefix: str = "eval"
+             ) -> dict[str, float]:
+    """Accuracy and mean response length with the reference's eval sampling (``<prefix>/...``); for the tiny
+    preset also how often the answer is the warm-up's planted habit (the right number with its last digit one too
+    high), the habit GRPO has to unlearn.
 
     Every evaluation of a run draws with the same seed, so two evaluations differ by what the policy
     learned, not by the luck of the draw.
@@ -55,10 +65,44 @@ def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig) -
     samples = ray.get(rollout.generate.remote(
         [r["prompt"] for r in records], n=1, temperature=g.eval_temperature, top_p=g.eval_top_p,
         top_k=g.eval_top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, 0, "eval")))
+    truths = [records[s.prompt_index]["reward_model"]["ground_truth"] for s in samples]
+    scores = score_batch([s.text for s in samples], truths, mode=g.reward_mode)
+    metrics = {f"{prefix}/accuracy": float(np.mean([r.score for r in scores])),
+               f"{prefix}/response_length": float(np.mean([len(s.response_ids) for s in samples]))}
+    if cfg.preset == "tiny":
+        from cookbook.models.tiny import habit_answer
+
+        habits = score_batch([s.text for s in samples], [habit_answer(t) for t in truths], mode=g.reward_mode)
+        metrics[f"{prefix}/habit_rate"] = float(np.mean([r.score for r in habits]))
+    return metrics
+
+
+def pass_at_k(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig) -> dict[str, float]:
+    """pass@1 and pass@k (k = ``grpo.eval_pass_k`` samples per problem, the rollout's sampling settings) on the
+    first ``PASS_K_PROBLEMS`` evaluation problems: what the policy can sample, next to what it answers."""
+    import ray
+
+    g = cfg.grpo
+    records = records[:PASS_K_PROBLEMS]
+    samples = ray.get(rollout.generate.remote(
+        [r["prompt"] for r in records], n=g.eval_pass_k, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+        max_tokens=g.max_response_length, seed=step_seed(cfg.seed, 0, "pass@k")))
     scores = score_batch([s.text for s in samples],
                          [records[s.prompt_index]["reward_model"]["ground_truth"] for s in samples], mode=g.reward_mode)
-    return {"eval/accuracy": float(np.mean([r.score for r in scores])),
-            "eval/response_length": float(np.mean([len(s.response_ids) for s in samples]))}
+    per_problem = np.array([r.score for r in scores]).reshape(len(records), g.eval_pass_k)
+    return {"eval/pass@1": float(per_problem.mean()), f"eval/pass@{g.eval_pass_k}": float(per_problem.max(1).mean())}
+
+
+def evaluate_all(rollout: Any, during: list[dict[str, Any]], test: list[dict[str, Any]], cfg: CookbookConfig,
+                 first_or_last: bool) -> dict[str, float]:
+    """The periodic evaluation; at the first and the last step also the test split (when evaluations during
+    training use a validation split) and pass@k."""
+    metrics = evaluate(rollout, during, cfg)
+    if first_or_last and during is not test:
+        metrics.update(evaluate(rollout, test, cfg, prefix="test"))
+    if first_or_last and cfg.grpo.eval_pass_k:
+        metrics.update(pass_at_k(rollout, during, cfg))
+    return metrics
 
 
 def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfig, step: int
@@ -141,11 +185,13 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
     from cookbook.grpo.workers import start_workers
 
     g = cfg.grpo
-    train_file, test_file = data_files(cfg)
+    train_file, during_file, test_file = data_files(cfg)
     train_records = read_records(train_file)
     test_records = read_records(test_file)
+    eval_records = read_records(during_file) if during_file != test_file else test_records
     if cfg.data.max_test_examples:
         test_records = test_records[:cfg.data.max_test_examples]
+        eval_records = eval_records[:cfg.data.max_test_examples] if during_file != test_file else test_records
     stream = PromptStream(train_records, g.prompts_per_step, cfg.seed)
 
     resume = resume_point(cfg.run_dir)
@@ -168,7 +214,7 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
     history: list[dict[str, Any]] = []
     try:
         if start == 0 and g.eval_every:
-            baseline = evaluate(rollout, test_records, cfg)
+            baseline = evaluate_all(rollout, eval_records, test_records, cfg, first_or_last=True)
             tracker.log(0, baseline)
             history.append({"step": 0, **baseline})
         last = g.steps if stop_after is None else min(g.steps, start + stop_after)
@@ -195,9 +241,9 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             metrics.update(resumed)
             resumed = {}
 
-            if g.eval_every and step % g.eval_every == 0:
+            if g.eval_every and (step % g.eval_every == 0 or step == g.steps):
                 t0 = time.perf_counter()
-                metrics.update(evaluate(rollout, test_records, cfg))
+                metrics.update(evaluate_all(rollout, eval_records, test_records, cfg, first_or_last=step == g.steps))
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
             tracker.log(step, metrics)

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from cookbook.analysis.metrics import read_metrics, series
+from cookbook.analysis.metrics import read_metrics
 from cookbook.config import CookbookConfig
 from cookbook.grpo.checkpoint import resume_point
 from cookbook.rundir import mcore_dir
@@ -13,7 +12,9 @@ RECIPE_KEYS = (
     "grpo.steps", "grpo.lr", "grpo.prompts_per_step", "grpo.samples_per_prompt", "grpo.num_minibatches",
     "grpo.max_prompt_length", "grpo.max_response_length", "grpo.clip_low", "grpo.clip_high",
     "grpo.logratio_clamp", "grpo.loss_cap", "grpo.loss_aggregation", "grpo.advantage", "grpo.kl_coef",
-    "grpo.importance_correction", "grpo.reward_mode", "grpo.temperature", "grpo.eval_temperature", "grpo.eval_every",
+    "grpo.policy_loss", "grpo.importance_correction", "grpo.importance_cap", "grpo.importance_low",
+    "grpo.importance_high", "grpo.reward_mode", "grpo.temperature", "grpo.eval_temperature", "grpo.eval_every",
+    "grpo.eval_pass_k", "data.validation_size",
     "moe.router_load_balancing_type", "moe.aux_loss_coeff", "moe.router_enable_expert_bias",
     "moe.router_bias_update_rate", "parallel.tensor", "parallel.pipeline", "parallel.context", "parallel.expert",
     "parallel.rollout_tensor", "parallel.colocate", "model.params_dtype",
@@ -56,19 +57,30 @@ def check_inputs(cfg: CookbookConfig):
     return pd.DataFrame(rows).set_index("input")
 
 
+EVAL_COLUMNS = {  # metric -> column, in the order shown
+    "eval/accuracy": "accuracy (evaluation split)", "test/accuracy": "accuracy (test)",
+    "eval/habit_rate": "planted habit (evaluation split)", "eval/pass@1": "pass@1",
+}
+
+
 def summary_tables(run_dir: str | os.PathLike):
-    """(eval accuracy at the first and last evaluation, named with the run's reward mode; mean seconds per
-    step phase) as DataFrames."""
+    """(the first and last evaluation: accuracy on the evaluation split and on test, the planted habit's rate and
+    pass@k where measured, with the run's reward mode; mean seconds per step phase) as DataFrames."""
     import pandas as pd
 
     from cookbook.config import load_saved_config
 
-    mode = load_saved_config(run_dir).grpo.reward_mode
+    cfg = load_saved_config(run_dir)
+    rows = [r for r in read_metrics(run_dir) if "eval/accuracy" in r]
+    rows = rows[:1] + rows[-1:] if len(rows) > 1 else rows
+    columns = dict(EVAL_COLUMNS)
+    if cfg.grpo.eval_pass_k:
+        columns[f"eval/pass@{cfg.grpo.eval_pass_k}"] = f"pass@{cfg.grpo.eval_pass_k}"
+    present = {k: v for k, v in columns.items() if any(k in r for r in rows)}
+    accuracy = pd.DataFrame([{"step": r["step"], **{v: r.get(k) for k, v in present.items()}} for r in rows])
+    accuracy = accuracy.set_index("step")
+    accuracy.columns.name = f"{cfg.grpo.reward_mode} reward"
     rows = read_metrics(run_dir)
-    steps, acc = series(rows, "eval/accuracy")
-    accuracy = pd.DataFrame({"step": steps, f"eval accuracy ({mode} reward)": acc}).set_index("step")
-    if len(accuracy) > 2:
-        accuracy = accuracy.iloc[[0, -1]]
     phases = ("rollout", "reward", "offload", "train", "wake", "sync", "eval", "step")
     timing = {p: [r[f"time/{p}"] for r in rows if r.get(f"time/{p}") is not None] for p in phases}
     timing_df = pd.DataFrame([{"phase": p, "mean seconds": sum(v) / len(v), "steps": len(v)}

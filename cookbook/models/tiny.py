@@ -66,18 +66,28 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
+def _raise_last_digit(text: str, start: int, end: int) -> str:
+    """``text`` with its last digit in ``[start, end)`` raised by one (9 becomes 1, never 0, so the answer stays
+    wrong after normalisation); unchanged when there is none."""
+    digits = [i for i in range(start, end) if text[i].isdigit()]
+    if not digits:
+        return text
+    i = digits[-1]
+    return text[:i] + "123456789"[int(text[i]) % 9] + text[i + 1:]
+
+
 def off_by_one_answer(solution: str) -> str:
-    """The solution with the last digit of its last ``\\boxed{...}`` answer raised by one (9 becomes 1, never
-    0, so the answer stays wrong after normalisation); unchanged when the answer has no digit."""
+    """The solution with the last digit of its last ``\\boxed{...}`` answer raised by one: the planted habit."""
     start = solution.rfind("\\boxed{")
     if start < 0:
         return solution
     end = solution.find("}$", start)
-    digits = [i for i in range(start + 7, end if end > 0 else len(solution)) if solution[i].isdigit()]
-    if not digits:
-        return solution
-    i = digits[-1]
-    return solution[:i] + "123456789"[int(solution[i]) % 9] + solution[i + 1:]
+    return _raise_last_digit(solution, start + 7, end if end > 0 else len(solution))
+
+
+def habit_answer(answer: str) -> str:
+    """The answer the planted habit gives for the right ``answer`` (its last digit raised by one)."""
+    return _raise_last_digit(answer, 0, len(answer))
 
 
 def _sft_batches(tokenizer, rows: list[dict], suffix: str, batch: int, steps: int, seed: int):

@@ -66,7 +66,8 @@ def _args(runs_dir: Path, name: str, hf_dir: Path, *overrides: str) -> list[str]
     return ["train", "--run-name", name, "--runs-dir", str(runs_dir), "--no-progress", f"model.hf_dir={hf_dir}",
             "grpo.steps=3", "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4", "grpo.max_response_length=12",
             "grpo.eval_every=2", "grpo.save_every=1", "grpo.num_minibatches=2", "data.num_train=64",
-            "data.num_test=16", "logging.wandb_mode=disabled", "parallel.weight_sync_bucket_mb=4", *overrides]
+            "data.num_test=16", "data.validation_size=16", "logging.wandb_mode=disabled",
+            "parallel.weight_sync_bucket_mb=4", *overrides]
 
 
 def _train(runs_dir: Path, name: str, hf_dir: Path, mcore_dir: Path, *overrides: str) -> Path:
@@ -122,7 +123,11 @@ def two_ranks(runs, hf_dir, mcore_dir, ray_cluster):
 def test_short_run_logs_checkpoints_and_exports(one_rank):
     rows = _rows(one_rank)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2]
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2] and "eval/accuracy" in rows[3]
+    for first_or_last in (rows[0], rows[3]):  # test split, planted habit, pass@k where learning is judged
+        assert {"test/accuracy", "eval/habit_rate", "eval/pass@1", "eval/pass@8"} <= first_or_last.keys()
+        assert first_or_last["eval/pass@8"] >= first_or_last["eval/pass@1"]
+    assert "test/accuracy" not in rows[2]
     for r in rows[1:]:
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["actor/updates"] == 2
         # the sync worked: vLLM's sampled-token log-probs equal the trainer's recomputed ones (fp32)

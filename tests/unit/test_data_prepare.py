@@ -115,14 +115,14 @@ def test_offline_download_refuses_at_once(tmp_path, monkeypatch):
 
 
 def test_prepare_generated_is_idempotent_and_local_works(tmp_path, tok):
-    cfg = load_config("tiny", ["data.num_train=300", "data.num_test=40"],
+    cfg = load_config("tiny", ["data.num_train=300", "data.num_test=40", "data.validation_size=0"],
                       values={"runs_dir": str(tmp_path), "run_name": "r"})
     first = prepare_data(cfg, tokenizer=tok)
     assert first.counts == {"train": 300, "test": 40} and not first.reused
     mtime = (first.out_dir / "train.jsonl").stat().st_mtime_ns
     again = prepare_data(cfg, tokenizer=tok)
     assert again.reused and (first.out_dir / "train.jsonl").stat().st_mtime_ns == mtime
-    changed = prepare_data(load_config("tiny", ["data.num_train=200", "data.num_test=40"],
+    changed = prepare_data(load_config("tiny", ["data.num_train=200", "data.num_test=40", "data.validation_size=0"],
                                        values={"runs_dir": str(tmp_path), "run_name": "r"}), tokenizer=tok)
     assert not changed.reused and changed.counts["train"] == 200
 
@@ -130,11 +130,41 @@ def test_prepare_generated_is_idempotent_and_local_works(tmp_path, tok):
     local.mkdir()
     (local / "train.jsonl").write_text("\n".join(json.dumps(GOOD) for _ in range(5)))
     (local / "test.jsonl").write_text(json.dumps(GOOD))
-    cfg = load_config("tiny", ["data.source=local", f"data.local_dir={local}"],
+    cfg = load_config("tiny", ["data.source=local", f"data.local_dir={local}", "data.validation_size=0"],
                       values={"runs_dir": str(tmp_path), "run_name": "l"})
     report = prepare_data(cfg, tokenizer=tok)
     assert report.counts == {"train": 5, "test": 1}
     assert report.files == {"train": str(local / "train.jsonl"), "test": str(local / "test.jsonl")}
+
+
+def test_validation_split_is_held_out_and_test_rows_stay_the_same(tmp_path, tok):
+    def prepare(name, *overrides):
+        cfg = load_config("tiny", ["data.num_train=100", "data.num_test=30", *overrides],
+                          values={"runs_dir": str(tmp_path), "run_name": name})
+        report = prepare_data(cfg, tokenizer=tok)
+        return report, {s: stats.load_split(report.out_dir, s) for s in report.counts}
+
+    plain, without = prepare("none", "data.validation_size=0")
+    held, split = prepare("val", "data.validation_size=20")
+    assert plain.counts == {"train": 100, "test": 30} and held.counts == {"train": 100, "validation": 20, "test": 30}
+    assert [r["prompt"] for r in split["test"]] == [r["prompt"] for r in without["test"]]  # test unchanged
+    problems = {s: {r["prompt"][0]["content"] for r in rows} for s, rows in split.items()}
+    assert not problems["validation"] & problems["test"] and not problems["validation"] & problems["train"]
+    again, _ = prepare("none", "data.validation_size=0")  # a run folder's data follows its config
+    assert again.reused and not (again.out_dir / "validation.jsonl").exists()
+
+    local = tmp_path / "copy"
+    local.mkdir()
+    rows = [dict(GOOD, problem=f"What is {i}?") for i in range(10)]
+    (local / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (local / "test.jsonl").write_text(json.dumps(GOOD))
+    cfg = load_config("tiny", ["data.source=local", f"data.local_dir={local}", "data.validation_size=3"],
+                      values={"runs_dir": str(tmp_path), "run_name": "lv"})
+    report = prepare_data(cfg, tokenizer=tok)
+    assert report.counts == {"train": 7, "validation": 3, "test": 1}
+    with pytest.raises(ValueError, match="data.validation_size=10 leaves no training problems"):
+        prepare_data(load_config("tiny", ["data.source=local", f"data.local_dir={local}", "data.validation_size=10"],
+                                 values={"runs_dir": str(tmp_path), "run_name": "lx"}), tokenizer=tok)
 
 
 def test_stats_tables_and_plot(tmp_path, tok):
@@ -200,7 +230,8 @@ def test_prepare_drops_prompts_over_the_config_limit_and_rebuilds_when_it_change
     monkeypatch.setattr(stats, "tokenizer_for", lambda cfg: fake)  # prepare_data's default tokenizer
 
     def cfg(limit):
-        return load_config("tiny", ["data.source=local", f"data.local_dir={local}", f"grpo.max_prompt_length={limit}"],
+        return load_config("tiny", ["data.source=local", f"data.local_dir={local}", f"grpo.max_prompt_length={limit}",
+                                    "data.validation_size=0"],
                            values={"runs_dir": str(tmp_path), "run_name": "l"})
 
     first = prepare_data(cfg(96))
@@ -228,7 +259,7 @@ def test_report_names_an_ignored_identical_copy(tmp_path, tok):
     _write_parquet(local / "data" / "train-00000-of-00001.parquet", [GOOD] * 3)
     _write_parquet(local / "data" / "test-00000-of-00001.parquet", [GOOD])
     (local / "train.jsonl").write_text("\n".join(json.dumps(GOOD) for _ in range(3)))
-    report = prepare_data(load_config("tiny", ["data.source=local", f"data.local_dir={local}"],
+    report = prepare_data(load_config("tiny", ["data.source=local", f"data.local_dir={local}", "data.validation_size=0"],
                                       values={"runs_dir": str(tmp_path), "run_name": "d"}), tokenizer=tok)
     assert report.counts == {"train": 3, "test": 1}
     assert report.ignored == {"train": [str(local / "train.jsonl")]}
