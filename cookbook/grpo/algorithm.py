@@ -7,15 +7,23 @@ log-ratio clamped at 10 before exp; the per-token loss capped at 3; token-level 
 batch; a k3 KL computed and logged with coefficient 0. ``kernels/grpo_loss.py`` holds a fused GPU
 version of the same loss; this module is the readable one the engine runs by default and the source of
 truth the kernel is tested against. Pure torch: importing it pulls in no engine.
+
+Beyond the reference, as options: GSPO's sequence-level ratio and clip (``gspo_loss``, ``grpo.policy_loss``) and
+corrections for the rollout engine's mismatch (``importance_weights``, ``grpo.importance_correction``): token
+TIS, token masking outside [low, high] (IcePop) and sequence masking on the geometric-mean ratio (seq-mask-TIS /
+MIS), passed to the loss as per-token weights.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean")
+POLICY_LOSSES = ("ppo", "gspo")
+IMPORTANCE_CORRECTIONS = ("none", "tis", "token_mask", "seq_mask", "tis+token_mask", "tis+seq_mask")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_METHODS = ("grpo", "drgrpo")
 
@@ -185,6 +193,130 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return LossOutput(loss, metrics, count)
 
 
+def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              clip_low: float = 3e-4, clip_high: float = 4e-4, logratio_clamp: Optional[float] = 10.0,
+              loss_cap: Optional[float] = 3.0, normalizer: float, aggregation: str = "seq_mean",
+              ref_logp: Optional[torch.Tensor] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+              is_weights: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
+              entropy_coef: float = 0.0, seq_ids: Optional[torch.Tensor] = None, num_seqs: Optional[int] = None,
+              seq_group: Any = None) -> LossOutput:
+    """GSPO (Group Sequence Policy Optimization, Zheng et al. 2025; ChatLearn's ``use_group_sequence_policy``):
+    the importance ratio and its clip are per sequence, ``grpo.policy_loss=gspo``. Arguments and result as
+    ``policy_loss``; ``clip_low`` / ``clip_high`` clip the *sequence* ratio, so they are much smaller than
+    PPO's (the paper: 3e-4 / 4e-4; ChatLearn's Qwen3 GSPO script: 1e-3 / 1e-3).
+
+    Per sequence i with response tokens t (A_i its advantage)::
+
+        s_i  = exp(min(mean_t(logp_t - old_logp_t), logratio_clamp))     # geometric mean of the token ratios
+        pg_i = min(max(-A_i * s_i, -A_i * clip(s_i, 1 - clip_low, 1 + clip_high)), loss_cap)
+
+    written in GSPO-token form: every token carries s_it = sg[s_i] * pi(y_t) / sg[pi(y_t)], whose value is s_i
+    and whose gradient is s_i * grad logp_t, and gets the per-token term pg_it (the formula above with s_it);
+    with A_it = A_i (GRPO's advantages) the loss and its gradient are exactly those of the sequence form
+    (d s_i = s_i * mean_t d logp_t; a clipped or log-ratio-clamped sequence gets no gradient). The token form is
+    used because it lets per-token weights act per token: ``is_weights`` (TIS weights, token or sequence masks)
+    multiply pg_it, then the KL and entropy terms are added per token, as in ``policy_loss``.
+    Aggregation: ``seq_mean`` (the paper's objective): each sequence's token mean, summed / ``normalizer``
+    (sequences of the whole step), so every sequence weighs the same; ``token_mean`` (ChatLearn's GSPO, which
+    reuses its GRPO token mean): sum over tokens / ``normalizer`` (tokens of the whole step), i.e. each
+    sequence's pg_i weighted by its length. Both are exact under any cut into micro-batches.
+
+    Sequences: by default each row of ``[B, T]`` is one; packed rows pass ``seq_ids`` (the sequence of each
+    token, any value where ``mask`` is 0) and ``num_seqs`` (ids are < num_seqs); ``seq_group`` is a process
+    group over which each sequence's (log-ratio sum, token count) is all-reduced before use, for sequences
+    whose tokens are split over context-parallel ranks (every rank of the group calls this with the same
+    ``num_seqs``). Only detached sums cross ranks: the gradient of each token is local.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation {aggregation!r}: choose one of {AGGREGATIONS} "
+                         "(config key grpo.loss_aggregation)")
+    if not normalizer > 0:
+        raise ValueError(f"normalizer {normalizer}: must be > 0 (valid tokens or sequences of the global batch)")
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("is_weights", is_weights),
+                    ("entropy", entropy), ("seq_ids", seq_ids)):
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, logp has {tuple(logp.shape)}: they must match")
+    if kl_coef and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp (the reference model's log-probs)")
+    if entropy_coef and entropy is None:
+        raise ValueError(f"entropy_coef={entropy_coef} needs the per-token entropy")
+    mask = mask.bool()
+    adv = advantages.to(logp.dtype)
+    if adv.shape == logp.shape[:-1]:
+        adv = adv.unsqueeze(-1).expand_as(logp)
+    elif adv.shape != logp.shape:
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)}: pass one per sequence [B] or per token "
+                         f"{tuple(logp.shape)}")
+    if seq_ids is None:
+        seq_ids = torch.arange(logp.shape[0], device=logp.device).unsqueeze(-1).expand_as(logp)
+        num_seqs = logp.shape[0] if num_seqs is None else num_seqs
+    elif num_seqs is None:
+        if seq_group is not None:
+            raise ValueError("gspo_loss with seq_group needs num_seqs (the same on every rank of the group)")
+        num_seqs = int(seq_ids[mask].max()) + 1 if mask.any() else 1
+
+    # each sequence's mean log-ratio and token count (fp64 sums; all-reduced over the ranks that share it)
+    ids = torch.where(mask, seq_ids.to(torch.long), 0).reshape(-1)
+    with torch.no_grad():
+        diff = torch.where(mask, logp.detach().double() - old_logp.double(), 0.0).reshape(-1)
+        stats = torch.zeros(2, num_seqs, dtype=torch.float64, device=logp.device)
+        stats[0].index_add_(0, ids, diff)
+        stats[1].index_add_(0, ids, mask.reshape(-1).double())
+        if seq_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats, group=seq_group)
+        seq_log_ratio = (stats[0] / stats[1].clamp(min=1))[ids].view_as(logp).to(logp.dtype)
+        seq_tokens = stats[1].clamp(min=1)[ids].view_as(logp).to(logp.dtype)
+        clamped = seq_log_ratio > logratio_clamp if logratio_clamp is not None else torch.zeros_like(mask)
+        if logratio_clamp is not None:
+            seq_log_ratio = seq_log_ratio.clamp(max=logratio_clamp)
+        seq_ratio = torch.exp(seq_log_ratio)
+    # s_it: value s_i, gradient s_i * d logp_t (none where the sequence's log-ratio was clamped)
+    ratio = seq_ratio * torch.exp(torch.where(clamped, torch.zeros((), dtype=logp.dtype), logp - logp.detach()))
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    capped = pg > loss_cap if loss_cap is not None else torch.zeros_like(mask)
+    if loss_cap is not None:
+        pg = pg.clamp(max=loss_cap)
+    per_token = pg if is_weights is None else pg * is_weights.detach()
+    kl = kl_estimate(logp, ref_logp, kl_estimator) if ref_logp is not None else None
+    if kl_coef:
+        per_token = per_token + kl_coef * kl
+    if entropy_coef:
+        per_token = per_token - entropy_coef * entropy
+    if aggregation == "seq_mean":
+        per_token = per_token / seq_tokens
+    loss = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype)).sum() / normalizer
+
+    with torch.no_grad():
+        count = int(mask.sum())
+
+        def mean(x: torch.Tensor) -> float:
+            return float(torch.where(mask, x.float(), 0.0).sum() / max(count, 1))
+
+        token_log_ratio = logp - old_logp
+        if logratio_clamp is not None:
+            token_log_ratio = token_log_ratio.clamp(max=logratio_clamp)
+        low = (seq_ratio < 1 - clip_low) & (adv < 0)  # sequences whose gradient the clip removed
+        high = (seq_ratio > 1 + clip_high) & (adv > 0)
+        metrics = {
+            "pg_loss": mean(pg),
+            "ratio_mean": mean(torch.exp(token_log_ratio)),  # the token ratios, as policy_loss reports them
+            "seq_ratio_mean": mean(seq_ratio),
+            "seq_clip_frac_low": mean(low),
+            "seq_clip_frac_high": mean(high),
+            "seq_clip_frac": mean(low | high),
+            "capped_frac": mean(capped),
+        }
+        if kl is not None:
+            metrics["kl"] = mean(kl)
+        if entropy is not None:
+            metrics["entropy"] = mean(entropy)
+        if is_weights is not None:
+            metrics["is_weight_mean"] = mean(is_weights)
+    return LossOutput(loss, metrics, count)
+
+
 def loss_settings(g) -> dict:
     """The loss keywords of ``policy_loss`` (and of the fused kernel, which takes the same) from a
     ``GRPOConfig``, so every trainer path computes the loss the config asks for."""
@@ -206,6 +338,86 @@ def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.
         raise ValueError(f"importance cap {cap}: must be > 0 (config key grpo.importance_cap)")
     w = torch.exp(old_logp - rollout_logp).clamp(max=cap)
     return torch.where(mask.bool(), w, 0.0).detach()
+
+
+def sequence_log_ratio(logp: torch.Tensor, other_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row ``[B]`` (fp64): the mean over its response tokens of ``logp - other_logp``, the log of the
+    geometric mean of the token ratios; 0 for a row without response tokens."""
+    m = mask.bool()
+    diff = torch.where(m, logp.double() - other_logp.double(), 0.0)
+    return diff.sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def _check_bounds(low: Optional[float], high: Optional[float]) -> None:
+    if low is None or high is None or not 0 < low < 1 < high:
+        raise ValueError(f"importance bounds low={low}, high={high}: need 0 < low < 1 < high (config keys "
+                         "grpo.importance_low, grpo.importance_high)")
+
+
+def importance_mask(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, low: float,
+                    high: float, level: str) -> torch.Tensor:
+    """1 where a response token is kept, 0 where the correction drops it and on padding (``old_logp``'s dtype).
+
+    ``token`` (IcePop): drop the token whose ratio pi_trainer_old / pi_rollout is outside [low, high].
+    ``seq`` (seq-mask-TIS / MIS): drop every token of a sequence whose geometric-mean ratio
+    r_seq = exp(mean over its response tokens of (log pi_trainer_old - log pi_rollout)) is outside [low, high].
+    The bounds are inclusive; compared in log space (fp64), so a -inf rollout log-prob or a NaN is dropped.
+    """
+    _check_bounds(low, high)
+    m = mask.bool()
+    if level == "token":
+        log_ratio = old_logp.double() - rollout_logp.double()
+    elif level == "seq":
+        log_ratio = sequence_log_ratio(old_logp, rollout_logp, mask).unsqueeze(-1).expand(m.shape)
+    else:
+        raise ValueError(f"importance mask level {level!r}: 'token' or 'seq'")
+    keep = m & (log_ratio >= math.log(low)) & (log_ratio <= math.log(high))
+    return keep.to(old_logp.dtype)
+
+
+def masking_metrics(keep: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """What a mask from ``importance_mask`` drops, over the batch it was computed on: ``masked_token_frac``
+    (response tokens dropped / response tokens), ``masked_seq_frac`` (sequences with every response token
+    dropped / sequences with response tokens) and ``touched_seq_frac`` (sequences with at least one token
+    dropped / the same; equal to masked_seq_frac for the sequence mask)."""
+    m = mask.bool()
+    kept, dropped = m & keep.bool(), m & ~keep.bool()
+    has_tokens = m.any(-1)
+    tokens, seqs = max(int(m.sum()), 1), max(int(has_tokens.sum()), 1)
+    return {"masked_token_frac": int(dropped.sum()) / tokens,
+            "masked_seq_frac": int((has_tokens & ~kept.any(-1)).sum()) / seqs,
+            "touched_seq_frac": int(dropped.any(-1).sum()) / seqs}
+
+
+def importance_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, correction: str, *,
+                       cap: float = 2.0, low: Optional[float] = None, high: Optional[float] = None
+                       ) -> tuple[Optional[torch.Tensor], dict[str, float]]:
+    """The per-token weights ``grpo.importance_correction`` asks for (``policy_loss``'s ``is_weights``, detached,
+    0 on padding; None for ``none``) and what they mask, from the whole step's batch in the ``[B, L - 1]``
+    layout: the trainer's old log-probs, the rollout engine's, the response mask.
+
+    ``tis``: ``tis_weights`` (min(ratio, cap)); ``token_mask`` / ``seq_mask``: ``importance_mask`` at the token /
+    sequence level with [low, high], as 0/1 weights; ``tis+token_mask`` / ``tis+seq_mask``: their product. The
+    metrics (``masking_metrics``, and for the sequence mask the smallest and largest r_seq) come with every
+    masking choice, none otherwise.
+    """
+    if correction not in IMPORTANCE_CORRECTIONS:
+        raise ValueError(f"importance correction {correction!r}: choose one of {IMPORTANCE_CORRECTIONS} "
+                         "(config key grpo.importance_correction)")
+    parts = correction.split("+")
+    weights = tis_weights(old_logp, rollout_logp, mask, cap) if "tis" in parts else None
+    level = "token" if "token_mask" in parts else "seq" if "seq_mask" in parts else None
+    if level is None:
+        return weights, {}
+    keep = importance_mask(old_logp, rollout_logp, mask, low, high, level)
+    weights = keep if weights is None else weights * keep
+    metrics = masking_metrics(keep, mask)
+    if level == "seq":
+        has_tokens = mask.bool().any(-1)
+        seq_ratio = torch.exp(sequence_log_ratio(old_logp, rollout_logp, mask)[has_tokens])
+        metrics["seq_ratio_min"] = float(seq_ratio.min()) if seq_ratio.numel() else 1.0
+        metrics["seq_ratio_max"] = float(seq_ratio.max()) if seq_ratio.numel() else 1.0
+    return weights, metrics
 
 
 def mismatch_metrics(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,

@@ -28,6 +28,8 @@ def fused_loss_enabled(cfg: CookbookConfig) -> bool:
     from cookbook.megatron.model import use_cuda
 
     g = cfg.grpo
+    if g.use_fused_kernels:
+        refuse_unfused_options(g)
     if not (g.use_fused_kernels and use_cuda(cfg)):
         return False
     if g.loss_aggregation != "token_mean":
@@ -37,6 +39,19 @@ def fused_loss_enabled(cfg: CookbookConfig) -> bool:
         raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} with grpo.use_fused_kernels=true: the fused "
                           "loss needs the whole vocabulary on one rank (tensor=1); set use_fused_kernels=false")
     return True
+
+
+def refuse_unfused_options(g) -> None:
+    """Raise ConfigError for a loss option of ``g`` (a ``GRPOConfig``) that the kernel does not compute.
+
+    The kernel computes ``policy_loss`` (token-level PPO-clip) per token; GSPO's sequence-level ratio needs sums
+    over each sequence's tokens, which it has not. The importance corrections need nothing: TIS weights and the
+    token / sequence masks reach the kernel as per-token ``is_weights`` (0 or 1 for a mask), which it multiplies
+    into the clipped loss and its gradient, as ``policy_loss`` does."""
+    if g.policy_loss != "ppo":
+        raise ConfigError(f"grpo.policy_loss={g.policy_loss!r} with grpo.use_fused_kernels=true: the fused kernel "
+                          "computes only the token-level PPO-clip loss ('ppo'); set grpo.use_fused_kernels=false or "
+                          "grpo.policy_loss=ppo")
 
 
 class _Captured:
@@ -71,6 +86,7 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: tor
     with ``g`` the ``GRPOConfig``."""
     from kernels.grpo_loss import fused_linear_grpo_loss
 
+    refuse_unfused_options(g)
     tokens = hidden[:, :-1]
     mask = mask.bool()
     per_token_adv = advantages.to(torch.float32).unsqueeze(-1).expand_as(old_logp)

@@ -122,6 +122,7 @@ def _packed_microbatches(batch: TrainBatch, layout: PackedLayout, device: torch.
         mb.update({name: pm.pack(getattr(batch, name)) for name in _PER_TOKEN if getattr(batch, name) is not None})
         mb = {name: t.to(device) for name, t in mb.items()}
         mb["packed_seq_params"], mb["packed"] = pm.packed_seq_params(device), pm
+        mb["num_samples"] = len(batch)  # the id space of the samples in packed rows (GSPO's per-sample sums)
         out.append(mb)
     return out
 
@@ -252,6 +253,11 @@ def _grpo_loss(g: GRPOConfig, normalizer: float, mb: dict, weight: Optional[torc
 
         out = fused_policy_loss(output, weight, mb["input_ids"], mb["old_logp"], mb["advantages"], mb["mask"], g=g,
                                 normalizer=normalizer, ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"))
+    elif g.policy_loss == "gspo":
+        logp, entropy = _score(mb, output, g.temperature)
+        out = A.gspo_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], normalizer=normalizer,
+                          ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"), entropy=entropy,
+                          **_sequences(mb), **A.loss_settings(g))
     else:
         logp, entropy = _score(mb, output, g.temperature)
         out = A.policy_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], normalizer=normalizer,
@@ -259,6 +265,20 @@ def _grpo_loss(g: GRPOConfig, normalizer: float, mb: dict, weight: Optional[torc
                             **A.loss_settings(g))
     tokens = torch.tensor(out.num_tokens, dtype=torch.int, device=output.device)
     return out.loss, tokens, {"loss": float(out.loss.detach()), "metrics": out.metrics, "num_tokens": out.num_tokens}
+
+
+def _sequences(mb: dict) -> dict:
+    """GSPO's samples in a micro-batch: a padded row is one sample (the default); in packed rows each token's
+    sample is its row in the minibatch, and under context parallelism a sample's tokens are spread over the CP
+    ranks, which all-reduce its sums (``algorithm.gspo_loss``)."""
+    pm = mb.get("packed")
+    if pm is None:
+        return {}
+    source = pm.source.to(mb["mask"].device)
+    ids = torch.where(source >= 0, source // pm.width, torch.full_like(source, -1)).view_as(mb["mask"])
+    ps = P.parallel_state()
+    group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
+    return {"seq_ids": ids, "num_seqs": mb["num_samples"], "seq_group": group}
 
 
 def _packed_fused_loss(g: GRPOConfig, normalizer: float, mb: dict, weight: torch.Tensor, hidden: torch.Tensor):
@@ -314,9 +334,9 @@ def train_minibatch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
         raise ValueError("the minibatch has no response tokens to train on")
     device = _device(model)
     if batch.packing is not None:
-        if g.loss_aggregation != "token_mean":
+        if g.loss_aggregation != "token_mean" and g.policy_loss != "gspo":
             raise ValueError(f"grpo.loss_aggregation={g.loss_aggregation!r} with packed rows: only token_mean "
-                             "(per-sample means would need sample boundaries inside the loss)")
+                             "(per-sample means would need sample boundaries inside the loss; GSPO's loss has them)")
         microbatches = _packed_microbatches(batch, packed_layout(batch, g.micro_batch_size, model), device,
                                             pad_id)
     else:

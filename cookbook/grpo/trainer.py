@@ -125,8 +125,12 @@ class TrainerRank:
         rollout_logp = A.align_rollout_logprobs(batch["prompt_ids"], batch["rollout_logp"], tb.mask)
         metrics = {f"mismatch/{k}": v for k, v in
                    A.mismatch_metrics(old_logp, rollout_logp, tb.mask, g.mismatch_threshold).items()}
-        is_weights = A.tis_weights(old_logp, rollout_logp, tb.mask, g.importance_cap) \
-            if g.importance_correction == "tis" else None
+        # grpo.importance_correction over the whole step's batch: TIS weights and/or token or sequence masks (0/1),
+        # one per-token weight the loss multiplies in; what the masks drop is logged as is/*
+        is_weights, correction = A.importance_weights(old_logp, rollout_logp, tb.mask, g.importance_correction,
+                                                      cap=g.importance_cap, low=g.importance_low,
+                                                      high=g.importance_high)
+        metrics.update({f"is/{k}": v for k, v in correction.items()})
         tb = dataclasses.replace(tb, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights)
         metrics.update(train_on_batch(self.model, self.optimizer, tb, g, seed=self.cfg.seed + step,
                                       pad_id=self.pad_id, fused=self.fused))
