@@ -52,7 +52,8 @@ def write_example_runs(root: str | os.PathLike, cases: Sequence[str] = ("synthet
                     if routing:
                         per_layer = {L: 0.02 * scale * (1 + 0.5 * j) * (1 + 0.3 * rng.random())
                                      for j, L in enumerate(moe_layers)}
-                        change = {L: 0.05 * math.exp(-step / 10) * (1 + 0.5 * rng.random()) for L in moe_layers}
+                        change = {L: 0.05 * math.exp(-step / 10) * (1 + 0.4 * j) * (1 + 0.2 * rng.random())
+                                  for j, L in enumerate(moe_layers)}
                         row.update({f"routing/rollout_vs_trainer_layer{L}": v for L, v in per_layer.items()})
                         row.update({f"routing/policy_change_layer{L}": v for L, v in change.items()})
                         row["routing/rollout_vs_trainer"] = sum(per_layer.values()) / len(per_layer)

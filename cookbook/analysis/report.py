@@ -263,6 +263,26 @@ class Report:
 
         return Markdown(f"**{name}: not drawn.** {self.not_drawn[name]}")
 
+    def table(self, name: str):
+        """A table for reading: ``runs``, ``coverage``, or ``summary`` and ``study`` with one column per run or
+        group (their CSVs have one row each); for a study that was not drawn, a line saying why."""
+        tables = {"runs": self.runs_info, "coverage": self.coverage, "summary": self.summary, "study": self.study}
+        if name not in tables:
+            raise KeyError(f"no table '{name}' (tables: {', '.join(tables)})")
+        if tables[name] is None:
+            return self.show(name)
+        if name not in ("summary", "study"):
+            return tables[name]
+        import pandas as pd
+
+        def cell(v):  # a transposed column mixes counts and shares: each value its own way
+            if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+                return "-"
+            return f"{v:.4g}" if isinstance(v, float) and not float(v).is_integer() else (
+                int(v) if isinstance(v, float) else v)
+
+        return tables[name].T.astype(object).map(cell)
+
     def text(self) -> str:
         """The report as plain text (what ``cookbook report`` prints)."""
         import pandas as pd
@@ -270,9 +290,9 @@ class Report:
         parts = []
         shown = ("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4g}".format)
         with pd.option_context(*shown):
-            parts += ["runs:", self.runs_info.to_string(), "", "summary:", self.summary.T.to_string()]
+            parts += ["runs:", self.runs_info.to_string(), "", "summary:", self.table("summary").to_string()]
             if self.study is not None:
-                parts += ["", f"study (spread: {SPREADS[self.spread]}):", self.study.T.to_string()]
+                parts += ["", f"study (spread: {SPREADS[self.spread]}):", self.table("study").to_string()]
         parts += [""] + [f"not drawn: {k}: {v}" for k, v in self.not_drawn.items()]
         parts += ["saved:"] + [f"  {_shown(f)}" for f in self.files]
         return "\n".join(parts)

@@ -39,7 +39,8 @@ def test_panels_only_for_logged_metrics_and_lacking_runs_named(tmp_path):
     assert _titles(rep.figures["training"]) == ["mean training reward", "eval accuracy (test split)\nno data: b"]
     assert _titles(rep.figures["mismatch"]) == ["mean |logp trainer - logp rollout|\nno data: a"]
     assert "routing/*" in rep.not_drawn["routing"] and "single run" in rep.not_drawn["study"]
-    assert "not drawn" in rep.show("routing").data
+    assert "not drawn" in rep.show("routing").data and "single run" in rep.table("study").data
+    assert list(rep.table("summary").columns) == ["a", "b"]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["compare_mismatch.png", "compare_training.png", "coverage.csv",
                                                     "summary.csv"]
