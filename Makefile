@@ -20,7 +20,7 @@ test-fast: env
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 lab: env
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean-runs:
 	rm -rf runs/

@@ -8,6 +8,14 @@ kernel_name="grpo-cookbook"
 stamp="$venv/.cookbook-stamp"
 want="$(cat "$root/env/requirements-cpu.txt" "$root/pyproject.toml" "$0" | sha256sum | cut -d' ' -f1)"
 
+# The JupyterLab browser test drives the system's headless Chromium (Debian's package): install it when missing
+# and this user can (root with apt-get); otherwise that test fails and says how to install it.
+if [[ ! -x /usr/bin/chromium && "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+  echo "env: installing Debian's chromium for the JupyterLab browser test"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+    echo "env: could not install chromium (apt-get); the JupyterLab browser test will fail" >&2
+fi
+
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   echo "env: $venv is up to date"
   exit 0
