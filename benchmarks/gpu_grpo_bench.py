@@ -43,12 +43,23 @@ def median(rows, key):
     return statistics.median(values) if values else None
 
 
+BENCH_OVERRIDES = ["logging.wandb_mode=disabled", "logging.tensorboard=false", "grpo.mismatch_threshold=0.1"]
+
+
 def run_train(args, overrides: list[str], name: str) -> Path:
+    """Notebook 30 executed by papermill (``--via notebook``) or its CLI twin ``cookbook train``."""
+    all_overrides = [*BENCH_OVERRIDES, *args.overrides, *overrides]
+    if args.via == "notebook":
+        from cookbook.runner import parse_cli_value, run_notebook
+
+        values = {k: parse_cli_value(v) for k, v in (o.split("=", 1) for o in all_overrides)}
+        run_notebook("30_grpo_moonlight", {"preset": args.preset, "overrides": values, "walkthrough": False},
+                     run_name=name, runs_dir=args.runs, progress=False)
+        return Path(args.runs) / name
     from cookbook.cli import main
 
     code = main(["train", "--preset", args.preset, "--run-name", name, "--runs-dir", args.runs, "--no-progress",
-                 "logging.wandb_mode=disabled", "logging.tensorboard=false", "grpo.mismatch_threshold=0.1",
-                 *args.overrides, *overrides])
+                 *all_overrides])
     if code:
         raise RuntimeError(f"cookbook train exited {code}")
     return Path(args.runs) / name
@@ -69,6 +80,8 @@ def summarize(run: Path, cfg) -> dict:
         "mfu": 6 * active_params(cfg.model) * train_tps / PEAK_FLOPS if train_tps else None,
         "sync_bytes": median(steps, "sync/bytes"), "sync_s": median(steps, "sync/seconds"),
         "sync_gb_per_s": median(steps, "sync/gb_per_s"),
+        "sync_split_s": {k: median(steps, f"sync/{k}") for k in ("gather_s", "engine_load_s", "engine_finish_s")},
+        "eval": {r["step"]: r.get("eval/accuracy") for r in rows if "eval/accuracy" in r},
         "memory_gib": {k: median(steps, k) for k in ("memory/device_after_rollout_gib",
                                                      "memory/device_after_offload_gib", "memory/train_peak_gib")},
         "mismatch": {k: median(steps, f"mismatch/{k}") for k in ("abs_diff_mean", "abs_diff_p99", "abs_diff_max",
@@ -125,6 +138,11 @@ def main() -> None:
     parser.add_argument("--fused", default="off,on", help="which runs: off, on, or both")
     parser.add_argument("--fused-steps", type=int, default=0, help="steps of the fused run (0: the preset's)")
     parser.add_argument("--baselines", action="store_true", help="also measure vLLM alone and the d2d copy")
+    parser.add_argument("--only-baselines", action="store_true", help="the baselines without training runs (the "
+                        "d2d copy then needs --sync-bytes)")
+    parser.add_argument("--sync-bytes", type=float, default=0, help="bytes one weight sync moves (--only-baselines)")
+    parser.add_argument("--via", default="cli", choices=("cli", "notebook"),
+                        help="run training as notebook 30 under papermill or as its CLI twin")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
 
@@ -137,7 +155,7 @@ def main() -> None:
     def save():
         Path(args.out).write_text(json.dumps(out, indent=1, default=str))
 
-    for flag in args.fused.split(","):
+    for flag in [] if args.only_baselines else args.fused.split(","):
         extra = [f"grpo.use_fused_kernels={'true' if flag == 'on' else 'false'}"]
         if flag == "on" and args.fused_steps:
             extra.append(f"grpo.steps={args.fused_steps}")
@@ -148,10 +166,10 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - record and go on to the next measurement
             out[f"fused_{flag}"] = {"error": traceback.format_exc()[-3000:]}
         save()
-    if args.baselines:
-        for name, fn in (("vllm_alone", lambda: vllm_alone(cfg)),
-                         ("d2d_copy", lambda: d2d_copy(next(v for k, v in out.items() if k.startswith("fused_")
-                                                             and "sync_bytes" in v)["sync_bytes"]))):
+    if args.baselines or args.only_baselines:
+        sync_bytes = args.sync_bytes or next(v for k, v in out.items() if k.startswith("fused_")
+                                             and "sync_bytes" in v)["sync_bytes"]
+        for name, fn in (("vllm_alone", lambda: vllm_alone(cfg)), ("d2d_copy", lambda: d2d_copy(sync_bytes))):
             try:
                 out[name] = fn()
             except Exception:  # noqa: BLE001

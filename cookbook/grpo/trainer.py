@@ -149,7 +149,7 @@ class TrainerRank:
         from cookbook.megatron.parallel import iter_hf_buckets
 
         t0 = time.perf_counter()
-        nbytes, largest, count = 0, 0, 0
+        nbytes, largest, count, load_s = 0, 0, 0, 0.0
         if self.rank == 0:
             ray.get(rollout.begin_weight_update.remote())
         for bucket in iter_hf_buckets(self.model, bucket_bytes):
@@ -157,12 +157,18 @@ class TrainerRank:
                 bucket = rollout_tensors(bucket, self.cfg)
                 size = sum(t.numel() * t.element_size() for t in bucket.values())
                 nbytes, largest, count = nbytes + size, max(largest, size), count + 1
+                t_load = time.perf_counter()
                 ray.get(rollout.load_weight_bucket.remote(bucket_message(bucket)))
+                load_s += time.perf_counter() - t_load
+        t_finish = time.perf_counter()
         if self.rank == 0:
             ray.get(rollout.finish_weight_update.remote())
-        seconds = time.perf_counter() - t0
+        end = time.perf_counter()
+        seconds = end - t0
+        # where the time goes: the engine loading buckets, its final checks, the rest (gather, names, casts)
         return {"bytes": float(nbytes), "buckets": float(count), "largest_bucket_bytes": float(largest),
-                "seconds": seconds, "gb_per_s": nbytes / max(seconds, 1e-9) / 1e9}
+                "seconds": seconds, "gb_per_s": nbytes / max(seconds, 1e-9) / 1e9, "engine_load_s": load_s,
+                "engine_finish_s": end - t_finish, "gather_s": t_finish - t0 - load_s}
 
     def save_model(self, out_dir: str) -> str:
         """The policy as a torch_dist checkpoint (collective); ``cookbook.convert`` turns it into HF."""
