@@ -7,14 +7,17 @@ read off with ``torch.autograd.graph.saved_tensors_hooks`` on the tiny model and
 Sequence parallelism (TP > 1) splits the norm / residual regions over TP; the attention and MLP inner
 regions hold all of the rank's tokens with ``1 / t`` of the heads or FFN columns.
 
-- attention: input RMSNorm (its input + fp32 rstd; on GPU torch's fused kernel), the projections' input, the
-  latent path (q_layernorm / kv_layernorm input, rstd, output), fp32 rope tables (16 x qk_rope bytes),
-  the core attention's q, k, v, output and fp32 log-sum-exp, and linear_proj's input;
+- attention: input RMSNorm (its input + fp32 rstd: torch's fused kernel on CUDA; on CPU torch also keeps the
+  normalized copy, ``a x width`` more per norm), the projections' input, the latent path (q_layernorm /
+  kv_layernorm input, rstd, output), fp32 rope tables (16 x qk_rope bytes per position), the core attention's
+  q, k, v, output and fp32 log-sum-exp (SDPA's memory-efficient / cuDNN kernels and the fused kernel keep no
+  score matrix; on CPU SDPA's math path does), and linear_proj's input;
 - dense MLP / shared experts: pre-MLP RMSNorm, fc1 input, then 5 units of the FFN width per token (fc1's
   gate+up output, the SiLU output, the product, fc2's input);
 - routed experts: each token's ``topk`` copies, each with its hidden state, 6 units of the expert FFN width (the
   router probability multiplies in one more) and an fp32 probability; with ETP > 1 the dispatcher all-gathers a
-  rank's copies over the expert-TP group; the fp32 router keeps an fp32 copy of its input and the scores;
+  rank's copies over the expert-TP group; the router keeps its fp32 scores, indices, routing map and (with
+  ``moe.router_dtype=fp32`` and a bf16 model) an fp32 copy of its input;
 - log-probs on the last stage: the bf16 logits plus five fp32 ``[tokens, vocab / TP]`` tensors alive together
   in ``vocab_parallel_logprobs`` (the cross entropy's softmax, the scaled logits, their shifted copy, its exp and
   the entropy's product), ``a + 20`` bytes per logit. The fused loss (``grpo.use_fused_kernels`` on CUDA)
@@ -82,8 +85,6 @@ def attention_bytes(cfg: CookbookConfig, mb: MicroBatch, recompute: str) -> dict
         latent += (2 * a * m.q_lora_rank + 4) / t
     keys = n * a * (dq + dv) * p.context  # CP all-gathers the keys and values of the whole row
     core = n * a * dq + keys + (n * a * dv + 4 * n if recompute == "none" else 0)
-    if not cfg.grpo.sequence_packing and recompute == "none":
-        core += n * a * m.qk_nope_head_dim  # the value is a view of kv_up's output: its key half stays too
     return {"attention": T * (norm + latent + n * a * dv) + mb.positions * 16 * r,
             "core attention": T * core}
 
@@ -96,10 +97,11 @@ def mlp_bytes(cfg: CookbookConfig, mb: MicroBatch, moe: bool) -> dict[str, float
     if not moe:
         return {"dense MLP": T * (norm + 5 * a * m.ffn_hidden_size / t)}
     k, e = m.moe_router_topk, m.num_experts
-    router = (4 * e + 12 * k + 4 + (4 * h if moe_cfg.router_dtype == "fp32" and a != 4 else 0)) / t
+    # scores, top-k indices / probabilities, the routing map and its probabilities (fp32), an fp32 input copy
+    router = (9 * e + 20 * k + 4 + (4 * h if moe_cfg.router_dtype == "fp32" and a != 4 else 0)) / t
     shared = 5 * a * m.moe_ffn_hidden_size * m.num_shared_experts / t
     copies = k * p.expert_tensor / t  # routed copies this rank's experts process, per token of the micro-batch
-    routed = copies * (a * h + 6 * a * m.moe_ffn_hidden_size / p.expert_tensor + 4) + 16 * k / t
+    routed = copies * (a * h + 6 * a * m.moe_ffn_hidden_size / p.expert_tensor + 4)
     return {"router and shared experts": T * (norm + router + shared), "routed experts": T * routed}
 
 

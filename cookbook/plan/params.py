@@ -54,7 +54,7 @@ class Counts:
         return self
 
 
-def _part(mcore: str) -> str:
+def part_of(mcore: str) -> str:
     """The part of the model a Megatron tensor belongs to (the rows of the planner's parameter table)."""
     if ".mlp.experts." in mcore:
         return "routed experts"
@@ -116,7 +116,7 @@ def shard_counts(m: ModelConfig, layer: int | None, shard: Shard, top: str = "bo
             numel //= _split(dim, shard.expert_tensor, "parallel.expert_tensor", mp.hf[0])
         elif not mp.mcore.endswith(REPLICATED):
             numel //= _split(dim, shard.tensor, "parallel.tensor", mp.hf[0])
-        part = _part(mp.mcore)
+        part = part_of(mp.mcore)
         out.parts[part] = out.parts.get(part, 0) + numel
     return out
 
