@@ -299,10 +299,11 @@ def notes(cfg: CookbookConfig, gpu: GPU, roll: dict[str, float]) -> list[str]:
     """What the numbers assume, and the comparison with Megatron's distributed optimizer."""
     worst = max(range(cfg.parallel.pipeline), key=lambda s: sum(trainer_state(cfg, s).values()))
     ours = sum(trainer_state(cfg, worst).values())
+    a = act.DTYPE_BYTES[cfg.model.params_dtype]
     return [
-        f"trainer state on the fullest stage ({worst}): {ours / GIB:.1f} GiB with torch AdamW as this project runs "
-        f"it (policy + reference + gradients + moments, 10 bytes per bf16 parameter); Megatron's "
-        f"DistributedOptimizer would need {megatron_state(cfg, worst) / GIB:.1f} GiB (Megatron-Bridge's "
+        f"trainer state on the fullest stage ({worst}): {ours / GIB:.2f} GiB with torch AdamW as this project runs "
+        f"it (policy + reference + gradients + moments, {5 * a} bytes per {cfg.model.params_dtype} parameter); "
+        f"Megatron's DistributedOptimizer would need {megatron_state(cfg, worst) / GIB:.2f} GiB (Megatron-Bridge's "
         "6 + 12/DP bytes per parameter, plus 2 for the reference)",
         f"vLLM takes {cfg.parallel.rollout_gpu_memory_utilization:g} x the GPU's memory on each of its "
         f"{cfg.parallel.rollout_tensor} GPU(s) (one engine, on the first GPUs); the trainer keeps its allocator "

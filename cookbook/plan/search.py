@@ -39,9 +39,11 @@ def layout_label(cfg: CookbookConfig) -> str:
         sizes = pipeline_stage_layers(cfg.model.num_layers, p.pipeline, p.first_pipeline_stage_layers,
                                       p.last_pipeline_stage_layers)
         split = f" ({sizes[0]}/.../{sizes[-1]})" if len(sizes) > 2 else f" ({sizes[0]}/{sizes[1]})"
-    nodes = f"{p.num_nodes} x {p.gpus_per_node}" if p.num_nodes > 1 else str(p.gpus_per_node)
+    where = f"{p.num_nodes} x {p.gpus_per_node} GPUs" if p.num_nodes > 1 else f"{p.gpus_per_node} GPUs"
+    if not p.gpus_per_node:
+        where = f"CPU ({cfg.world_size} trainer processes)"
     return (f"TP{p.tensor} PP{p.pipeline}{split} CP{p.context} EP{p.expert} ETP{p.expert_tensor}, "
-            f"vLLM TP{p.rollout_tensor} on {nodes} GPUs")
+            f"vLLM TP{p.rollout_tensor} on {where}")
 
 
 def gpu_counts(max_gpus: int) -> Iterator[tuple[int, int]]:
