@@ -80,7 +80,8 @@ def main() -> int:
         print(f"python3 benchmarks/trainer_memory.py OUT.json --preset {args.preset} {specs}")
         return 0
     if args.predict or not args.measured:
-        print("| config | params | tokens / micro-batch | after setup GiB | after step 1 GiB | peak GiB | reserved GiB |")
+        print("| config | params | tokens / micro-batch | after setup GiB | after step 1 GiB | peak GiB | "
+              "reserved GiB |")
         print("|---|---|---|---|---|---|---|")
         for name, overrides in CONFIGS.items():
             p = predict(args.preset, overrides)

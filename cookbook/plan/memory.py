@@ -223,7 +223,8 @@ def plan_gpu(cfg: CookbookConfig, gpu: GPU, tokens_per_sample: int | None = None
         phases = {"GPU, training phase": train}
         if s in hosts:
             phases["GPU, rollout phase"] = {
-                **state, "trainer allocator cache (training transients kept)": ALLOCATOR_CACHE * sum(transient.values()),
+                **state,
+                "trainer allocator cache (training transients kept)": ALLOCATOR_CACHE * sum(transient.values()),
                 "CUDA contexts (trainer, vLLM)": 2 * CUDA_CONTEXT,
                 f"vLLM ({p.rollout_gpu_memory_utilization:g} x GPU): weights": roll["weights"],
                 "vLLM: activations and MLA absorbed weights": roll["activations"] + roll["absorbed"],

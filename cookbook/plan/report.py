@@ -112,7 +112,8 @@ def fit_summary(cfg: CookbookConfig, gpus: Sequence[memory.GPU] = memory.GPUS, s
     for plan in found.values():
         lines += _verdict(plan)
     if search_layouts:
-        lines.append("Smallest layouts that fit (same recipe; config validation's rules):")
+        lines.append("Smallest layouts that fit (memory only, not speed; same recipe; "
+                     "layouts config validation accepts):")
         for gpu in gpus:
             fits = search.smallest_fits(cfg, gpu, max_gpus)
             if not fits:
@@ -121,8 +122,9 @@ def fit_summary(cfg: CookbookConfig, gpus: Sequence[memory.GPU] = memory.GPUS, s
             for fit in fits:
                 t = fit.plan.tightest
                 shared = sorted(memory.vllm_stages(fit.cfg))
-                with_vllm = f"; vLLM shares stage {', '.join(map(str, shared))}'s GPUs" if fit.cfg.parallel.pipeline > 1 \
-                    and shared else ""
+                with_vllm = ""
+                if fit.cfg.parallel.pipeline > 1 and shared:
+                    with_vllm = f"; vLLM shares stage {', '.join(map(str, shared))}'s GPUs"
                 lines.append(f"  {gpu.name}: {fit.label}; tightest {t.name} {t.need / GIB:.1f} of "
                              f"{t.capacity / GIB:.1f} GiB{with_vllm}")
     lines += [f"Note: {n}" for n in next(iter(found.values())).notes]

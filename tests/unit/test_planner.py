@@ -56,7 +56,7 @@ def test_shard_arithmetic_of_the_moonlight_layout():
     m = cfg.model
     first, last = stage_counts(cfg, 0), stage_counts(cfg, 1)
     expert = 3 * m.hidden_size * m.moe_ffn_hidden_size
-    assert first.parts["routed experts"] == 13 * 32 * expert // 2 and last.parts["routed experts"] == 13 * 32 * expert // 2
+    assert first.parts["routed experts"] == last.parts["routed experts"] == 13 * 32 * expert // 2
     assert first.parts["embedding"] == m.vocab_size * m.hidden_size // 2 and "embedding" not in last.parts
     assert last.parts["output layer and final norm"] == m.vocab_size * m.hidden_size // 2 + m.hidden_size
     assert first.parts["dense MLP"] == 3 * m.ffn_hidden_size * m.hidden_size // 2
