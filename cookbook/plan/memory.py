@@ -19,7 +19,7 @@ What the code does (and so what is modelled):
 
 Constants measured or assumed, each used once below: ``CUDA_CONTEXT``, ``VLLM_ASLEEP``, ``ALLOCATOR_CACHE``
 (from BENCHMARKS.md "First GPU run": 107 GiB in use after rollout, 38 GiB with vLLM asleep, trainer peak 23 GiB),
-``PROCESS_HOST``, ``VLLM_BATCHED_TOKENS``.
+``PROCESS_HOST``, ``VLLM_BATCHED_TOKENS``, ``VLLM_SAMPLER_COPIES`` (estimates: they only size vLLM's KV cache).
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ ALLOCATOR_CACHE = 1.85  # the trainer's reserved pool after a step / its transie
 PROCESS_HOST = 3 * GIB  # host memory of one GPU process (Python, torch, CUDA libraries)
 VLLM_MAX_SEQS = 256  # cookbook.rollout.engine: max_num_seqs
 VLLM_SAMPLER_COPIES = 3  # fp32 [max_num_seqs, vocab] logits, probabilities and log-probs in vLLM's sampler
+VLLM_BATCHED_TOKENS = 16384  # vLLM's max_num_batched_tokens for the LLM class on GPUs of 70 GiB or more (else 8192)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def rollout_parts(cfg: CookbookConfig, gpu: GPU) -> dict[str, float]:
     dq = m.qk_nope_head_dim + m.qk_rope_head_dim
     per_token = (4 * m.hidden_size + m.num_attention_heads / rt * (2 * dq + 2 * m.v_head_dim)
                  + 2 * m.moe_router_topk * (2 * m.moe_ffn_hidden_size / rt + m.hidden_size))
-    batched = 16384 if gpu.bytes >= 70 * GIB else 8192  # vLLM's max_num_batched_tokens default (LLM class)
+    batched = VLLM_BATCHED_TOKENS if gpu.bytes >= 70 * GIB else VLLM_BATCHED_TOKENS // 2
     activations = batched * 2 * per_token + VLLM_SAMPLER_COPIES * VLLM_MAX_SEQS * m.vocab_size * 4
     return {"budget": budget, "weights": weights, "absorbed": absorbed, "activations": activations,
             "kv_cache": budget - weights - absorbed - activations}
