@@ -20,6 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GIB = 2**30
+# the H200 measurements (benchmarks/results/trainer_memory_h200.json) ran before grpo.master_weights existed, with
+# AdamW in bf16: what grpo.master_weights=false runs (a measurement without the key is compared as such)
+BEFORE_MASTER_WEIGHTS = ["grpo.master_weights=false"]
 BASE = ["grpo.prompts_per_step=8", "grpo.samples_per_prompt=8"]
 # the configurations the planner is validated on (moonlight-1gpu, one H200): name -> overrides
 CONFIGS = {
@@ -56,7 +59,9 @@ def compare(measured: dict, tolerance: float) -> tuple[list[dict], bool]:
             rows.append({"config": name, "quantity": "error", "measured": m["error"].splitlines()[-1]})
             ok = False
             continue
-        p = predict(m["preset"], m["overrides"])
+        recorded = [f"grpo.master_weights={str(m['master_weights']).lower()}"] if "master_weights" in m else \
+            BEFORE_MASTER_WEIGHTS
+        p = predict(m["preset"], [*m["overrides"], *recorded])
         for key in ("params", "after_setup_gib", "after_step1_gib", "step2_peak_gib", "reserved_gib"):
             if m.get(key) is None:
                 continue

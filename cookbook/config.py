@@ -164,6 +164,9 @@ class GRPOConfig:
     save_every: int = 10
     keep_checkpoints: int = 2  # the newest complete checkpoints kept (an older one is the fallback if the newest is damaged)
     weight_decay: float = 0.01
+    # AdamW on fp32 master copies of bf16 parameters (cookbook/grpo/optimizer.py): without them most updates at
+    # lr ~1e-6 round away in bf16; false = AdamW in the parameter dtype (half the optimizer memory)
+    master_weights: bool = True
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0

@@ -80,6 +80,7 @@ class TrainerRank:
         checkpoint, make the optimizer. Returns the layout this rank sees (for the log)."""
         from cookbook.convert.hf_to_mcore import load_megatron_checkpoint
         from cookbook.grpo.fused_loss import fused_loss_enabled
+        from cookbook.grpo.optimizer import make_optimizer
         from cookbook.megatron.model import build_model, init_parallel, use_cuda
         from cookbook.megatron.parallel import layout
 
@@ -93,9 +94,8 @@ class TrainerRank:
         load_megatron_checkpoint(self.ref_model, mcore_dir)
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=g.lr,
-            betas=(g.adam_beta1, g.adam_beta2), weight_decay=g.weight_decay)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], g,
+                                        master_weights=g.master_weights)
         self.pad_id = pad_id
         self.fused = fused_loss_enabled(cfg)  # grpo.use_fused_kernels on CUDA: kernels/grpo_loss.py
         return layout()

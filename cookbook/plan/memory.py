@@ -3,13 +3,14 @@
 What the code does (and so what is modelled):
 - every trainer rank (``cookbook.grpo.trainer.TrainerRank``) keeps its shard of the policy, of the frozen
   reference model, the policy's gradients (autograd's, in the parameter dtype, alive from one backward to the next
-  step's ``zero_grad``) and ``torch.optim.AdamW``'s two moments (in the parameter dtype: no fp32 master copy, not
-  Megatron's distributed optimizer) on its GPU for the whole run: 10 bytes per bf16 parameter. Nothing of the
+  step's ``zero_grad``) and the optimizer's state (``cookbook.grpo.optimizer``: torch AdamW's two moments, with
+  ``grpo.master_weights`` an fp32 master copy of each bf16 parameter and fp32 moments; not Megatron's distributed
+  optimizer) on its GPU for the whole run: 18 bytes per bf16 parameter (10 without master weights). Nothing of the
   trainer is offloaded between phases (the reference recipe offloads; this project does not);
 - its transient peak is the larger of the training forward/backward (activations of the micro-batches a
   pipeline stage holds in flight, the last stage's log-probs, the MoE dispatch buffers; ``activations``) and the
   optimizer step (the gradient norm copies one gradient at a time to fp64; AdamW's ``foreach`` path makes one
-  parameter-sized temporary);
+  state-sized temporary; master weights add the fp32 copy of every gradient);
 - the caching allocator keeps what the training step reserved (nothing calls ``torch.cuda.empty_cache``), so
   during rollout the trainer's GPUs still hold about ``ALLOCATOR_CACHE`` x its transient peak;
 - one vLLM engine of ``parallel.rollout_tensor`` GPUs (``cookbook.grpo.workers``), colocated on the first GPUs,
@@ -99,12 +100,19 @@ class Plan:
 
 # -- the trainer rank --------------------------------------------------------------------------------------------
 def trainer_state(cfg: CookbookConfig, stage: int) -> dict[str, float]:
-    """Bytes a trainer rank of ``stage`` keeps for the whole run: policy, reference, gradients, AdamW moments."""
+    """Bytes a trainer rank of ``stage`` keeps for the whole run: policy, reference, gradients, optimizer state."""
     c = stage_counts(cfg, stage)
     a = act.DTYPE_BYTES[cfg.model.params_dtype]
     weights = c.params * a + c.buffers * 4
-    return {"policy weights": weights, "reference model": weights, "gradients": c.params * a,
-            "AdamW moments (torch, param dtype)": 2 * c.params * a}
+    state = {"policy weights": weights, "reference model": weights, "gradients": c.params * a}
+    if master_weights(cfg):
+        return state | {"fp32 master weights": c.params * 4, "AdamW moments (fp32)": 2 * c.params * 4}
+    return state | {"AdamW moments (torch, param dtype)": 2 * c.params * a}
+
+
+def master_weights(cfg: CookbookConfig) -> bool:
+    """Whether the optimizer keeps fp32 master copies (``cookbook.grpo.optimizer``: bf16 parameters only)."""
+    return cfg.grpo.master_weights and act.DTYPE_BYTES[cfg.model.params_dtype] < 4
 
 
 def in_flight(cfg: CookbookConfig, stage: int, mb: act.MicroBatch) -> int:
@@ -148,7 +156,7 @@ def optimizer_transient(cfg: CookbookConfig, stage: int) -> float:
     the gradient all-reduce's flat copy of the dense (DP x CP > 1) or expert (expert-DP > 1) gradients
     (``cookbook.megatron.parallel.finish_grad_sync``), the fp64 copy and square of one gradient in the gradient
     norm (16 bytes per element of the largest parameter), AdamW's ``foreach`` square root of every second moment
-    (one parameter-sized temporary)."""
+    (one state-sized temporary), with master weights after the fp32 copies of every gradient."""
     p = cfg.parallel
     c = stage_counts(cfg, stage)
     a = act.DTYPE_BYTES[cfg.model.params_dtype]
@@ -156,7 +164,8 @@ def optimizer_transient(cfg: CookbookConfig, stage: int) -> float:
     dp_cp = cfg.world_size // (p.tensor * p.pipeline)
     edp = cfg.world_size // (p.expert * p.expert_tensor * p.pipeline)
     flat = max((c.params - experts) * a if dp_cp > 1 else 0, experts * a if edp > 1 else 0)
-    return max(flat, 16 * largest_tensor(cfg, stage), c.params * a)
+    adam = c.params * 8 if master_weights(cfg) else c.params * a  # (fp32 gradients +) the foreach temporary
+    return max(flat, 16 * largest_tensor(cfg, stage), adam)
 
 
 def trainer_peak(cfg: CookbookConfig, stage: int = 0, tokens_per_sample: int | None = None) -> dict[str, float]:
@@ -304,7 +313,9 @@ def notes(cfg: CookbookConfig, gpu: GPU, roll: dict[str, float]) -> list[str]:
     a = act.DTYPE_BYTES[cfg.model.params_dtype]
     return [
         f"trainer state on the fullest stage ({worst}): {ours / GIB:.2f} GiB with torch AdamW as this project runs "
-        f"it (policy + reference + gradients + moments, {5 * a} bytes per {cfg.model.params_dtype} parameter); "
+        f"it (policy + reference + gradients + optimizer state, "
+        f"{3 * a + 12 if master_weights(cfg) else 5 * a} bytes per {cfg.model.params_dtype} parameter"
+        f"{', fp32 master weights' if master_weights(cfg) else ''}); "
         f"Megatron's DistributedOptimizer would need {megatron_state(cfg, worst) / GIB:.2f} GiB (Megatron-Bridge's "
         "6 + 12/DP bytes per parameter, plus 2 for the reference)",
         f"vLLM takes {cfg.parallel.rollout_gpu_memory_utilization:g} x the GPU's memory on each of its "
