@@ -113,7 +113,7 @@ def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfi
     g = cfg.grpo
     samples = ray.get(rollout.generate.remote(
         [p["prompt"] for p in prompts], n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
-        top_k=g.top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step)))
+        top_k=g.top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step), routed_experts=True))
     t0 = time.perf_counter()
     results = score_batch([s.text for s in samples],
                           [prompts[s.prompt_index]["reward_model"]["ground_truth"] for s in samples], mode=g.reward_mode)
@@ -233,6 +233,8 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             batch = ray.put({"prompt_ids": [s.prompt_ids for s in samples],
                              "response_ids": [s.response_ids for s in samples],
                              "rollout_logp": [s.logprobs for s in samples],
+                             # per sample [positions, MoE layers, top_k] uint8: routing statistics and replay
+                             "routed_experts": [s.routed_experts for s in samples],
                              "advantages": [float(a) for a in advantages]})
             metrics.update(trainer.call("train_step", batch, step))
             metrics["time/train"] = time.perf_counter() - t0
