@@ -47,10 +47,6 @@ def moe_layers(hf_config: Any) -> list[int]:
     return [layer for layer in range(hf_config.num_hidden_layers) if layer >= first and layer % freq == 0]
 
 
-def compact_experts(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    return np.ascontiguousarray(ids, dtype=np.uint8 if num_experts <= 256 else np.int16)
-
-
 def routing_source(cfg: CookbookConfig, capture: bool) -> Optional[str]:
     """Where the rollout's routed experts come from: ``"capture"`` where the CPU ``routed`` fix applies
     (``capture``: ``compat.needed("routed")``), ``"vllm"`` on GPUs when this vLLM's ``EngineArgs`` has
@@ -200,7 +196,7 @@ class RolloutWorker:
         if ids is None or ids.shape[0] < rows:
             raise RuntimeError(f"the rollout engine returned routing for {None if ids is None else ids.shape[0]} "
                                f"positions of request {out.request_id}/{completion.index}, expected {rows}")
-        return compact_experts(ids[:rows], self.num_experts)
+        return np.ascontiguousarray(ids[:rows], dtype=np.uint8 if self.num_experts <= 256 else np.int16)
 
     def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-prob of each token given the ones before it (first token excluded), for sync checks."""
