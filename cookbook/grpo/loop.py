@@ -105,6 +105,14 @@ def evaluate_all(rollout: Any, during: list[dict[str, Any]], test: list[dict[str
     return metrics
 
 
+def trainer_batch(samples: list[Any], advantages: Any) -> dict[str, Any]:
+    """What ``TrainerRank.train_step`` takes from a rollout: the token ids, the rollout's log-probs and routed
+    experts (per sample ``[positions, MoE layers, top_k]``: routing statistics and replay), the advantages."""
+    return {"prompt_ids": [s.prompt_ids for s in samples], "response_ids": [s.response_ids for s in samples],
+            "rollout_logp": [s.logprobs for s in samples], "routed_experts": [s.routed_experts for s in samples],
+            "advantages": [float(a) for a in advantages]}
+
+
 def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfig, step: int
                  ) -> tuple[list[Any], np.ndarray, dict[str, float]]:
     """Sample n responses per prompt and score them; returns samples, rewards and reward metrics."""
@@ -230,13 +238,7 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
 
             metrics.update(offload_rollout(rollout, cfg))
             t0 = time.perf_counter()
-            batch = ray.put({"prompt_ids": [s.prompt_ids for s in samples],
-                             "response_ids": [s.response_ids for s in samples],
-                             "rollout_logp": [s.logprobs for s in samples],
-                             # per sample [positions, MoE layers, top_k] uint8: routing statistics and replay
-                             "routed_experts": [s.routed_experts for s in samples],
-                             "advantages": [float(a) for a in advantages]})
-            metrics.update(trainer.call("train_step", batch, step))
+            metrics.update(trainer.call("train_step", ray.put(trainer_batch(samples, advantages)), step))
             metrics["time/train"] = time.perf_counter() - t0
 
             metrics.update(sync_rollout(trainer, rollout, bucket_bytes))
