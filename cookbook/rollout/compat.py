@@ -100,9 +100,9 @@ class RoutedExpertsCapture:
     layer's router (a ``BaseRouter``) gets vLLM's own capture callback (``set_capture_fn``, the hook its V2-runner
     capturer uses), and the runner's ``_model_forward`` is wrapped so that after each forward step the captured
     ``[tokens, top_k]`` ids of every layer are kept with each token's request (``input_batch.req_ids``, the
-    scheduled token counts) and position. ``take`` sorts them out per request (vectorised: a step costs one append,
-    so the capture adds a few per cent to generation); a position forwarded twice (a preempted request recomputed)
-    keeps the latest routing."""
+    scheduled token counts) and position. ``take`` sorts them out per request (vectorised: a step costs one append;
+    on tiny, 128 samples of 64 tokens, the capture took 1-2% of the generation time); a position forwarded twice (a
+    preempted request recomputed) keeps the latest routing."""
 
     def __init__(self, runner: Any):
         from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
