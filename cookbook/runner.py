@@ -5,17 +5,19 @@ leaves the same record as a person stepping through JupyterLab.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, Mapping, TextIO
 
 import yaml
 
 from cookbook.atomic import write_text
 from cookbook.config import ConfigError, CookbookConfig, load_config, nest_dotted
-from cookbook.rundir import project_root, resolve_from_root
+from cookbook.rundir import checkout_env, project_root, resolve_from_root
 
 KERNEL_NAME = "grpo-cookbook"  # registered by env/setup_cpu.sh (and the GPU image)
 # The order `make demo` runs them in; later steps read what earlier ones wrote into the run folder.
@@ -137,6 +139,19 @@ def prepare_run(
     return PreparedRun(nb, params, cfg)
 
 
+@contextlib.contextmanager
+def environ(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` replaced for the block: the kernel papermill starts inherits it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def execute(run: PreparedRun, out_dir: Path | None = None, progress: bool = True, log: TextIO | None = None
             ) -> Path:
     """Execute a prepared run under the project kernel into ``out_dir`` (default ``<run>/notebooks/``), with the
@@ -147,10 +162,11 @@ def execute(run: PreparedRun, out_dir: Path | None = None, progress: bool = True
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / f"{run.notebook.stem}.params.yaml", yaml.safe_dump(run.params, sort_keys=True))
     output = out_dir / run.notebook.name
-    papermill.execute_notebook(
-        str(run.notebook), str(output), parameters=run.params, kernel_name=KERNEL_NAME,
-        progress_bar=progress, cwd=str(run.notebook.parent), stdout_file=log, stderr_file=log,
-    )
+    with environ(checkout_env(os.environ)):  # the kernel (and a local Ray it starts) import this checkout
+        papermill.execute_notebook(
+            str(run.notebook), str(output), parameters=run.params, kernel_name=KERNEL_NAME,
+            progress_bar=progress, cwd=str(run.notebook.parent), stdout_file=log, stderr_file=log,
+        )
     return output
 
 
