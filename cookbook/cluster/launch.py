@@ -28,7 +28,7 @@ from cookbook.cluster.jobenv import JobEnv, check_node_count, job_env
 from cookbook.cluster.raynode import (LaunchError, RayNode, connect, describe, put_status, ray_env, wait_for_acks,
                                       wait_for_nodes, wait_for_own_node, wait_for_status)
 from cookbook.config import ConfigError
-from cookbook.runner import PreparedRun, execute, load_params_file, prepare_run
+from cookbook.runner import PreparedRun, environ, execute, load_params_file, prepare_run
 
 PER_NODE_NOTEBOOKS = ("20_convert",)
 CPU_OBJECT_STORE_BYTES = 512 * 2**20  # as cookbook.cluster.placement.init_ray gives a local CPU instance
@@ -66,17 +66,9 @@ def _sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _environ(env: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` replaced for the block (the kernel papermill starts inherits it)."""
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def _object_store(run: PreparedRun) -> Optional[int]:
+    """Ray's object store on a CPU node is sized as a local CPU instance's; on GPU nodes Ray's default."""
+    return CPU_OBJECT_STORE_BYTES if run.cfg.parallel.gpus_per_node == 0 else None
 
 
 def _execute(run: PreparedRun, job: JobEnv, log: NodeLog, progress: bool) -> tuple[int, str]:
@@ -98,19 +90,18 @@ def _execute(run: PreparedRun, job: JobEnv, log: NodeLog, progress: bool) -> tup
 
 def _drive(run: PreparedRun, job: JobEnv, log: NodeLog, timeout: float, progress: bool) -> int:
     """Node 0 of a Ray notebook: head, all nodes, the notebook, then its status for the others."""
-    store = CPU_OBJECT_STORE_BYTES if run.cfg.parallel.gpus_per_node == 0 else None
     log.say(f"starting the Ray head on {job.head_address}")
-    head = RayNode(job, log.file, store)
+    head = RayNode(job, log.file, log.say, _object_store(run))
     client, code, error = None, 1, "node 0 stopped before its notebook ended"
     try:
         client = connect(job, timeout, log.say, head=head)
         log.say(f"waiting for {job.world_size} nodes (up to {timeout:.0f} s)")
         for node in wait_for_nodes(client, job, timeout, log.say):
             log.say(f"  {describe(node)}")
-        with _environ(dict(ray_env(dict(os.environ)), RAY_ADDRESS=job.head_address)):
+        with environ(dict(ray_env(dict(os.environ)), RAY_ADDRESS=job.head_address)):
             code, error = _execute(run, job, log, progress)
     except LaunchError as e:
-        error = str(e)
+        error = f"node 0 stopped: {e}"
         raise
     finally:
         if client is not None:
@@ -130,7 +121,7 @@ def _join(run: PreparedRun, job: JobEnv, log: NodeLog, timeout: float) -> int:
     """Node k > 0 of a Ray notebook: join the head, report this node, exit with node 0's status."""
     log.say(f"joining the Ray head at {job.head_address} (up to {timeout:.0f} s)")
     client = connect(job, timeout, log.say)
-    worker = RayNode(job, log.file, CPU_OBJECT_STORE_BYTES if run.cfg.parallel.gpus_per_node == 0 else None)
+    worker = RayNode(job, log.file, log.say, _object_store(run))
     try:
         log.say(f"joined: {describe(wait_for_own_node(client, job, worker, timeout))}")
         log.say(f"waiting for node 0's notebook {run.notebook.name} to end")
@@ -141,7 +132,7 @@ def _join(run: PreparedRun, job: JobEnv, log: NodeLog, timeout: float) -> int:
     code = int(status["exit_code"])
     log.say(f"node 0's notebook ended with exit code {code}")
     if code:
-        raise LaunchError(f"node 0: {status['error']}")
+        raise LaunchError(status["error"])
     return 0
 
 

@@ -4,9 +4,14 @@ each other.
 
 - Stopping: the launcher signals its own ``ray start`` process, which takes its Ray processes down with it.
   Never ``ray stop``: that stops every Ray instance on the machine (other users', or the other simulated nodes).
-- Ports: the head's GCS listens on ``MASTER_PORT``; every other Ray port a node opens is a free one picked on
-  that node (Ray's fixed defaults, e.g. 52365 for the dashboard agent and 10002-19999 for workers, would clash
+- Ports: the head's GCS listens on ``MASTER_PORT``; every other Ray port a node opens is a free one (Ray's fixed
+  defaults, e.g. 52365 for the dashboard agent, 8265 for the dashboard and 10002-19999 for workers, would clash
   when two nodes share a machine, as in the one-machine test, or with another Ray there).
+- Start-up: Ray 2.60's raylet gives its agents a fixed 15 s to report each port they pick and exits otherwise,
+  which a busy machine can miss (so the agents' ports are left to them: each one named here would shorten the
+  time they get). A node therefore starts only what a job needs (no autoscaler monitor or log monitor:
+  the cluster does not scale, and actors log to the run folder), and a ``ray start`` that fails before its node
+  has registered is tried again (``START_ATTEMPTS``).
 - Authentication: ``RAY_AUTH_MODE`` is the job's when set, else ``disabled``. Ray 2.60 turns token
   authentication on for a head that finds ``~/.ray/auth_token`` but never on a joining worker, so leaving it to
   each machine's home folder lets nodes disagree and refuse each other. With ``token``, give every node the same
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,10 +30,12 @@ import time
 from typing import IO, Any, Callable, Optional
 
 from cookbook.cluster.jobenv import JobEnv, strip_job_env
+from cookbook.rundir import checkout_env
 
 NAMESPACE = b"cookbook-launch"
 STATUS_KEY = b"status"
 POLL_S = 1.0
+START_ATTEMPTS = 5
 HEAD_LOST_S = 60.0  # the head unanswering this long, with no status written, means node 0 is gone
 ACK_S = 60.0  # how long node 0 keeps the head up for the other nodes to read its status
 
@@ -47,9 +55,9 @@ def free_port() -> int:
 
 
 def ray_env(environ: dict[str, str]) -> dict[str, str]:
-    """The environment of Ray's processes and of the driver: no node-level job variables, an explicit
-    authentication mode (module docstring)."""
-    env = strip_job_env(environ)
+    """The environment of Ray's processes and of the driver: this checkout on PYTHONPATH, no node-level job
+    variables, an explicit authentication mode (module docstring)."""
+    env = strip_job_env(checkout_env(environ))
     env.setdefault("RAY_AUTH_MODE", "disabled")
     return env
 
@@ -57,11 +65,11 @@ def ray_env(environ: dict[str, str]) -> dict[str, str]:
 def start_command(job: JobEnv, temp_dir: str, object_store_bytes: Optional[int]) -> list[str]:
     """``ray start`` for this node: ``--head`` on ``MASTER_ADDR:MASTER_PORT`` for node 0, else joining it."""
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
-           f"--node-name={node_name(job.rank)}", f"--temp-dir={temp_dir}",
+           f"--node-name={node_name(job.rank)}", f"--temp-dir={temp_dir}", "--include-log-monitor=false",
            f"--dashboard-agent-listen-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0"]
     if job.rank == 0:
         cmd += ["--head", f"--port={job.master_port}", f"--node-ip-address={socket.gethostbyname(job.master_addr)}",
-                "--include-dashboard=false", f"--dashboard-port={free_port()}",
+                "--include-dashboard=false", "--no-monitor", f"--dashboard-port={free_port()}",
                 f"--ray-client-server-port={free_port()}"]
     else:
         cmd += [f"--address={job.head_address}"]
@@ -73,19 +81,39 @@ def start_command(job: JobEnv, temp_dir: str, object_store_bytes: Optional[int])
 class RayNode:
     """This node's ``ray start --block`` process; its output goes to ``log``."""
 
-    def __init__(self, job: JobEnv, log: IO[str], object_store_bytes: Optional[int] = None):
+    def __init__(self, job: JobEnv, log: IO[str], say: Callable[[str], None],
+                 object_store_bytes: Optional[int] = None):
         # a short, per-node folder: Ray's socket paths must stay under ~107 characters, and two nodes on one
         # machine must not share one
         self.temp_dir = os.path.join(tempfile.gettempdir(), f"cookbook-ray-{job.master_port}-{job.rank}")
-        self.proc = subprocess.Popen(start_command(job, self.temp_dir, object_store_bytes), stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=ray_env(dict(os.environ)))
+        self.job, self.log, self.say, self.store = job, log, say, object_store_bytes
+        self.attempt, self.registered = 1, False
+        self.proc = self._spawn()
 
-    def running(self) -> bool:
-        return self.proc.poll() is None
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(start_command(self.job, self.temp_dir, self.store), stdout=self.log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ray_env(dict(os.environ)))
 
-    def exit_code(self) -> Optional[int]:
-        return self.proc.poll()
+    def check(self) -> None:
+        """Raise LaunchError when ``ray start`` has exited for good; one that failed before its node registered is
+        started again (module docstring) until ``START_ATTEMPTS``."""
+        code = self.proc.poll()
+        if code is None:
+            return
+        if not self.registered and self.attempt < START_ATTEMPTS:
+            self.attempt += 1
+            self.say(f"ray start exited with code {code} during start-up; attempt {self.attempt} of {START_ATTEMPTS}")
+            self.proc = self._spawn()
+            return
+        what = "the Ray head" if self.job.rank == 0 else "this node's Ray worker"
+        raise LaunchError(f"{what} stopped: ray start exited with code {code}{self._last_error()} (its output is in "
+                          "this node's log)")
+
+    def _last_error(self) -> str:
+        """The last exception line ``ray start`` wrote to the node log, quoted."""
+        with open(self.log.name, errors="replace") as f:
+            lines = [line.strip() for line in f if re.match(r"^\w*(Error|Exception)\b.*:", line)]
+        return f" ({lines[-1][:300]})" if lines else ""
 
     def stop(self, timeout: float = 60) -> None:
         """SIGTERM: ``ray start --block`` stops the Ray processes it started, then exits."""
@@ -135,14 +163,19 @@ def connect(job: JobEnv, timeout: float, say: Callable[[str], None], head: Optio
     deadline = time.monotonic() + timeout
     next_note = time.monotonic() + 30
     while True:
-        if head is not None and not head.running():
-            raise LaunchError(f"the Ray head did not start on {job.head_address} (ray start exited with code "
-                              f"{head.exit_code()}; its output is in this node's log). Is MASTER_PORT="
-                              f"{job.master_port} already in use, or MASTER_ADDR={job.master_addr} not this node?")
+        if head is not None:
+            try:
+                head.check()
+            except LaunchError as e:
+                raise LaunchError(f"the Ray head did not start on {job.head_address}: {e}. Is MASTER_PORT="
+                                  f"{job.master_port} in use already, or MASTER_ADDR={job.master_addr} not this "
+                                  "node?") from None
         if reachable(job.master_addr, job.master_port):
             try:
                 client = gcs_client(job.head_address)
                 if any(n.is_head_node for n in alive_nodes(client)):
+                    if head is not None:
+                        head.registered = True
                     return client
             except Exception:  # noqa: BLE001 -- the GCS is still starting; asked again below
                 pass
@@ -186,10 +219,9 @@ def wait_for_own_node(client: Any, job: JobEnv, node: RayNode, timeout: float) -
     while True:
         mine = [n for n in alive_nodes(client) if n.node_name == name]
         if mine:
+            node.registered = True
             return mine[0]
-        if not node.running():
-            raise LaunchError(f"this node's Ray worker stopped before joining {job.head_address} (ray start exited "
-                              f"with code {node.exit_code()}; its output is in this node's log)")
+        node.check()
         if time.monotonic() > deadline:
             raise LaunchError(f"this node did not register with the Ray head at {job.head_address} within "
                               f"{timeout:.0f} s (ray start's output is in this node's log)")
@@ -232,10 +264,11 @@ def wait_for_status(client: Any, job: JobEnv, node: RayNode, say: Callable[[str]
                 raise LaunchError(f"the Ray head at {job.head_address} stopped answering ({type(e).__name__}) and "
                                   "left no status: node 0 failed or was stopped; see its log, logs/node-0.log in "
                                   "the run folder") from None
-        if not node.running():
-            raise LaunchError(f"this node's Ray worker stopped (ray start exited with code {node.exit_code()}) "
-                              f"before node 0 left a status at {job.head_address}: the head is gone or this node "
-                              "lost it; see logs/node-0.log and this node's log in the run folder")
+        try:
+            node.check()
+        except LaunchError as e:
+            raise LaunchError(f"{e}, before node 0 left a status at {job.head_address}: the head is gone or this node "
+                              "lost it; see logs/node-0.log and this node's log in the run folder") from None
         if time.monotonic() > next_note:
             say("node 0's notebook is still running ...")
             next_note += 300
