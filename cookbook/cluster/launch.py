@@ -39,7 +39,7 @@ class NodeLog:
 
     def __init__(self, path: Path, rank: int):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.rank = path, rank
+        self.rank = rank
         self.file = open(path, "a", buffering=1)
 
     def say(self, message: str) -> None:

@@ -92,17 +92,16 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(runs):
-    """Notebook 20 on both nodes (two conversion parts, node 0 finalizes), then notebook 30 driven by node 0."""
-    convert = _job(runs, "20_convert", ["-p", "verify", "false", "-p", "overrides",
-                                        "{parallel.num_nodes: 2, parallel.expert: 2}"], "convert")
-    train = _job(runs, "30_grpo_moonlight", [a.format(steps=2, extra="") for a in TRAIN], "train")
-    return convert, train
+def converted(runs):
+    """Notebook 20 on both nodes: two conversion parts, node 0 finalizes."""
+    codes, out, _ = _job(runs, "20_convert", ["-p", "verify", "false", "-p", "overrides",
+                                              "{parallel.num_nodes: 2, parallel.expert: 2}"], "convert")
+    assert codes == [0, 0], out
+    return runs / RUN / "mcore"
 
 
-def test_two_nodes_convert_then_train_with_the_trainer_group_over_both(runs, trained):
-    (convert_codes, convert_out, _), (codes, out, left) = trained
-    assert convert_codes == [0, 0], convert_out
+def test_two_nodes_convert_then_train_with_the_trainer_group_over_both(runs, converted):
+    codes, out, left = _job(runs, "30_grpo_moonlight", [a.format(steps=2, extra="") for a in TRAIN], "train")
     assert codes == [0, 0], out
     run = runs / RUN
     # the conversion: node 1's part, node 0 finalized; each node's executed notebook
@@ -124,15 +123,26 @@ def test_two_nodes_convert_then_train_with_the_trainer_group_over_both(runs, tra
     assert not left, "a node left Ray processes running"
 
 
-def test_killing_the_worker_node_ends_the_job_clearly_without_a_half_written_checkpoint(runs, trained):
+def _kill_moment(run: Path, node0: subprocess.Popen, timeout: float = 900) -> None:
+    """Wait until a checkpoint exists and, when the timing allows, the next one is being written (its ``.tmp-``
+    folder is there); else until the second one exists (the kill then comes between saves)."""
+    root = run / "checkpoints"
+    deadline = time.monotonic() + timeout
+    while node0.poll() is None and time.monotonic() < deadline:
+        done = list_checkpoints(run)
+        saving = [int(m.group(2)) for p in (root.iterdir() if root.is_dir() else []) if (m := LEFTOVER.match(p.name))]
+        if done and (len(done) >= 2 or any(step > done[-1][0] for step in saving)):
+            return
+        time.sleep(0.02)
+
+
+def test_killing_the_worker_node_ends_the_job_clearly_without_a_half_written_checkpoint(runs, converted):
     port = free_port()
     run = runs / "killed"
-    params = [a.format(steps=8, extra=f", model.mcore_dir: {runs / RUN / 'mcore'}") for a in TRAIN]
+    params = [a.format(steps=8, extra=f", model.mcore_dir: {converted}") for a in TRAIN]
     outs = [runs / f"killed-{rank}.out" for rank in (0, 1)]
     node0, node1 = (_start(rank, port, runs, "killed", "30_grpo_moonlight", params, outs[rank]) for rank in (0, 1))
-    deadline = time.monotonic() + 900
-    while not list_checkpoints(run) and node0.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _kill_moment(run, node0)
     assert list_checkpoints(run), f"no checkpoint before the kill: {outs[0].read_text()[-3000:]}"
     os.killpg(node1.pid, signal.SIGKILL)  # the worker node is lost: its launcher, Ray and the trainer rank on it
     node1.wait()
@@ -142,7 +152,8 @@ def test_killing_the_worker_node_ends_the_job_clearly_without_a_half_written_che
     assert not left, "Ray processes of the job outlived it"
     assert re.search(r"WorkerLost: trainer rank 1 on node-1 \(.*\) died during \w+", out), out[-3000:]
     assert max(_steps(run)) < 8, "the run finished before the kill; the test proves nothing"
-    # every checkpoint under its final name is whole; an interrupted save can only be a .tmp- leftover
+    # every checkpoint under its final name is whole (a save the kill interrupted is either gone, or complete when
+    # every rank had written and hashed its part before the node died); anything else is a .tmp- leftover
     for _, path in list_checkpoints(run):
         assert verify_checkpoint(path) is None, path
     assert not resume_point(run).skipped
