@@ -13,7 +13,9 @@ over the nodes (every node gets one) and the rollout engine on node 0, beside th
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -82,12 +84,16 @@ def init_ray(cfg: CookbookConfig, address: Optional[str] = None) -> Any:
 
 
 def cluster_nodes(cfg: CookbookConfig) -> list[dict[str, Any]]:
-    """The Ray cluster's alive nodes, head first (then by name: ``cookbook launch`` names them node-<rank>);
+    """The Ray cluster's alive nodes, head first, then by rank (``cookbook launch`` names them node-<rank>);
     ConfigError when there are fewer than ``parallel.num_nodes``."""
     import ray
 
-    nodes = sorted((n for n in ray.nodes() if n["Alive"]),
-                   key=lambda n: ("node:__internal_head__" not in n["Resources"], n.get("NodeName", "")))
+    def order(node: dict[str, Any]) -> tuple:
+        rank = re.fullmatch(r"node-(\d+)", node.get("NodeName", ""))
+        head = "node:__internal_head__" in node["Resources"]
+        return not head, int(rank.group(1)) if rank else math.inf, node["NodeID"]
+
+    nodes = sorted((n for n in ray.nodes() if n["Alive"]), key=order)
     if len(nodes) < cfg.parallel.num_nodes:
         raise ConfigError(
             f"parallel.num_nodes={cfg.parallel.num_nodes} but the Ray cluster has {len(nodes)} node(s): start the job "

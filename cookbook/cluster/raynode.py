@@ -148,6 +148,14 @@ def alive_nodes(client: Any, timeout: float = 10) -> list[Any]:
     return sorted(infos, key=lambda n: (not n.is_head_node, n.node_name))
 
 
+def _alive_nodes_now(client: Any) -> list[Any]:
+    """``alive_nodes``, or none while the GCS does not answer (a busy head; the callers wait with a deadline)."""
+    try:
+        return alive_nodes(client)
+    except Exception:  # noqa: BLE001 -- asked again on the next poll
+        return []
+
+
 def describe(node: Any) -> str:
     """One line for the log: name, address, id and resources."""
     res = dict(node.resources_total)
@@ -173,12 +181,12 @@ def connect(job: JobEnv, timeout: float, say: Callable[[str], None], head: Optio
         if reachable(job.master_addr, job.master_port):
             try:
                 client = gcs_client(job.head_address)
-                if any(n.is_head_node for n in alive_nodes(client)):
-                    if head is not None:
-                        head.registered = True
-                    return client
             except Exception:  # noqa: BLE001 -- the GCS is still starting; asked again below
-                pass
+                client = None
+            if client is not None and any(n.is_head_node for n in _alive_nodes_now(client)):
+                if head is not None:
+                    head.registered = True
+                return client
         if time.monotonic() > deadline:
             raise LaunchError(
                 f"the Ray head at {job.head_address} (MASTER_ADDR={job.master_addr}, MASTER_PORT={job.master_port}) "
@@ -196,7 +204,7 @@ def wait_for_nodes(client: Any, job: JobEnv, timeout: float, say: Callable[[str]
     deadline = time.monotonic() + timeout
     next_note = time.monotonic() + 30
     while True:
-        nodes = alive_nodes(client)
+        nodes = _alive_nodes_now(client)
         if len(nodes) >= job.world_size:
             return nodes
         if time.monotonic() > deadline:
@@ -217,7 +225,7 @@ def wait_for_own_node(client: Any, job: JobEnv, node: RayNode, timeout: float) -
     name = node_name(job.rank)
     deadline = time.monotonic() + timeout
     while True:
-        mine = [n for n in alive_nodes(client) if n.node_name == name]
+        mine = [n for n in _alive_nodes_now(client) if n.node_name == name]
         if mine:
             node.registered = True
             return mine[0]

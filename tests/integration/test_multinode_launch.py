@@ -158,3 +158,21 @@ def test_killing_the_worker_node_ends_the_job_clearly_without_a_half_written_che
         assert verify_checkpoint(path) is None, path
     assert not resume_point(run).skipped
     assert all(p.name.startswith("step_") or LEFTOVER.match(p.name) for p in (run / "checkpoints").iterdir())
+
+
+def test_a_worker_node_whose_head_vanishes_exits_non_zero_saying_so(runs):
+    """Node 0 killed while its notebook runs: the other node is not left waiting for a status that never comes."""
+    port = free_port()
+    params = ["-p", "overrides", "{parallel.num_nodes: 2, parallel.expert: 2}"]
+    outs = [runs / f"headless-{rank}.out" for rank in (0, 1)]
+    node0, node1 = (_start(rank, port, runs, "headless", "10_data", params, outs[rank]) for rank in (0, 1))
+    deadline = time.monotonic() + 600
+    while "waiting for node 0's notebook" not in outs[1].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(node0.pid, signal.SIGKILL)  # node 0 is lost: its launcher, the Ray head and the notebook
+    node0.wait()
+    codes, left = _wait([node1], port, timeout=300)
+    out = outs[1].read_text()
+    assert codes == [1], out
+    assert re.search(r"error: .*(left no status|before node 0 left a status)", out), out[-2000:]
+    assert not left, "Ray processes of the job outlived it"
