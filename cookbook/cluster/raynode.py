@@ -91,6 +91,8 @@ class RayNode:
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
+        self.log.flush()
+        self.log_start = os.path.getsize(self.log.name)  # where this attempt's output begins
         return subprocess.Popen(start_command(self.job, self.temp_dir, self.store), stdout=self.log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=ray_env(dict(os.environ)))
 
@@ -110,8 +112,9 @@ class RayNode:
                           "this node's log)")
 
     def _last_error(self) -> str:
-        """The last exception line ``ray start`` wrote to the node log, quoted."""
+        """The last exception line the latest ``ray start`` wrote to the node log, quoted."""
         with open(self.log.name, errors="replace") as f:
+            f.seek(self.log_start)
             lines = [line.strip() for line in f if re.match(r"^\w*(Error|Exception)\b.*:", line)]
         return f" ({lines[-1][:300]})" if lines else ""
 
