@@ -132,6 +132,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    """One node of a batch job (``cookbook.cluster.launch``): node 0 drives, the others join Ray and wait."""
+    from cookbook.cluster.launch import launch
+    from cookbook.cluster.raynode import LaunchError
+    from cookbook.runner import parse_cli_value
+
+    params = {name: parse_cli_value(value) for name, value in args.param or []}
+    try:
+        return launch(args.notebook, params, params_file=args.file, run_name=args.run_name,
+                      runs_dir=args.runs_dir or "runs", connect_timeout=args.connect_timeout,
+                      progress=not args.no_progress)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cookbook.runner import DEMO_NOTEBOOKS, run_demo
 
@@ -234,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="", help="where run folders go (default: runs/)")
     p.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("launch", help="one node of a multi-node batch job (RANK / WORLD_SIZE / MASTER_ADDR / "
+                                      "MASTER_PORT as PAI-DLC and PyTorchJob set them): the same command on every "
+                                      "node; node 0 runs the notebook, the others join its Ray cluster")
+    p.add_argument("notebook", help="a notebook name (30_grpo_moonlight) or path")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="a notebook parameter (YAML value), repeatable")
+    p.add_argument("-f", "--file", default=None, help="a YAML file of parameters (e.g. notebooks/params/tiny.yaml)")
+    p.add_argument("--run-name", default="", help="run folder name, the same on every node (required with "
+                                                  "WORLD_SIZE > 1)")
+    p.add_argument("--runs-dir", default="", help="where run folders go, on storage all nodes share (default: runs/)")
+    p.add_argument("--connect-timeout", type=float, default=600,
+                   help="seconds to wait for the Ray head (other nodes) or for all nodes to join (node 0)")
+    p.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("report", help="compare runs (notebook 90): curves side by side, seeds grouped with error "
                                       "bars, summary table; PNGs and CSVs into --out")

@@ -560,6 +560,11 @@ def _validate_layout(cfg: CookbookConfig) -> None:
         raise ConfigError(
             f"preset '{cfg.preset}' needs GPUs (at least {need}); parallel.gpus_per_node=0 means CPU. "
             f"Set parallel.gpus_per_node and parallel.num_nodes, or use preset 'tiny' on CPU")
+    if p.gpus_per_node == 0 and p.num_nodes > world:
+        raise ConfigError(
+            f"parallel.num_nodes={p.num_nodes} on CPU puts at least one trainer rank on every node, but the layout has "
+            f"{world} rank(s) (lcm of tensor x pipeline x context and expert x expert_tensor x pipeline): give it "
+            f"{p.num_nodes} or more (e.g. parallel.expert={p.num_nodes}) or use fewer nodes")
     if world < need:
         raise ConfigError(
             f"preset '{cfg.preset}' needs at least {need} GPUs; parallel.num_nodes x parallel.gpus_per_node = "

@@ -78,11 +78,15 @@ def _file_handler(path: Path) -> logging.Handler:
 
 
 def logged(cls: type, run_dir: str | os.PathLike, name: str) -> type:
-    """``cls`` for a Ray actor whose process output goes to ``<run>/logs/<name>.log`` from its first line."""
+    """``cls`` for a Ray actor whose process output goes to ``<run>/logs/<name>.log`` from its first line, which
+    names the process and the Ray node it runs on."""
 
     class Logged(cls):  # type: ignore[misc, valid-type]
         def __init__(self, *args, **kwargs):
+            import ray
+
             redirect_process_output(run_dir, name)
+            print(f"--- on Ray node {ray.get_runtime_context().get_node_id()}", flush=True)  # asked of Ray
             super().__init__(*args, **kwargs)
 
     Logged.__name__ = Logged.__qualname__ = cls.__name__

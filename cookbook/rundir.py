@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from cookbook.config import CookbookConfig, load_config, nest_dotted, save_config
 from cookbook.logs import quiet_libraries
@@ -61,6 +61,14 @@ def project_root() -> Path:
     """The checkout this package lives in (an editable install), else the working directory."""
     here = Path(__file__).resolve().parents[1]
     return here if (here / "notebooks").is_dir() else Path.cwd()
+
+
+def checkout_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` with this checkout first on PYTHONPATH, for the processes it starts (notebook kernels, Ray
+    nodes): they then import this checkout's ``cookbook`` even when the environment's editable install points at
+    another checkout (git worktrees sharing one virtual environment)."""
+    paths = [str(project_root())] + [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
 
 def resolve_from_root(path: str | os.PathLike) -> Path:

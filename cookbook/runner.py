@@ -5,16 +5,19 @@ leaves the same record as a person stepping through JupyterLab.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, TextIO
 
 import yaml
 
 from cookbook.atomic import write_text
-from cookbook.config import ConfigError, load_config, nest_dotted
-from cookbook.rundir import project_root, resolve_from_root
+from cookbook.config import ConfigError, CookbookConfig, load_config, nest_dotted
+from cookbook.rundir import checkout_env, project_root, resolve_from_root
 
 KERNEL_NAME = "grpo-cookbook"  # registered by env/setup_cpu.sh (and the GPU image)
 # The order `make demo` runs them in; later steps read what earlier ones wrote into the run folder.
@@ -99,21 +102,25 @@ def _literal(source: str) -> Any:
     return ast.literal_eval(source)
 
 
-def run_notebook(
+@dataclass(frozen=True)
+class PreparedRun:
+    """A notebook run checked before any kernel starts: the notebook, the parameters it will get (run name and
+    runs folder filled in) and the config they resolve to."""
+
+    notebook: Path
+    params: dict[str, Any]
+    cfg: CookbookConfig
+
+
+def prepare_run(
     notebook: str | Path,
     parameters: dict[str, Any] | None = None,
     params_file: str | Path | None = None,
     run_name: str = "",
     runs_dir: str = "runs",
-    progress: bool = True,
-) -> Path:
-    """Execute ``notebook`` headless under the project kernel; return the executed copy's path.
-
-    The parameters are validated (names against the notebook, values through the config) before a
-    kernel starts, so a typo costs a second, not a failed batch job.
-    """
-    import papermill
-
+) -> PreparedRun:
+    """Validate the parameters (names against the notebook, values through the config) without running
+    anything, so a typo costs a second, not a failed batch job."""
     nb = find_notebook(str(notebook))
     defaults = notebook_parameters(nb)
     params: dict[str, Any] = file_parameters(nb, params_file) if params_file else {}
@@ -127,18 +134,52 @@ def run_notebook(
     overrides = params.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"parameter 'overrides' must be a mapping of dotted keys to values, got {overrides!r}")
-    load_config(preset, values={"run_name": run_name, "runs_dir": str(runs_path), **nest_dotted(overrides)})
+    cfg = load_config(preset, values={"run_name": run_name, "runs_dir": str(runs_path), **nest_dotted(overrides)})
     params.update({"run_name": run_name, "runs_dir": str(runs_path)})
+    return PreparedRun(nb, params, cfg)
 
-    out_dir = runs_path / run_name / "notebooks"
+
+@contextlib.contextmanager
+def environ(env: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` replaced for the block: the kernel papermill starts inherits it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def execute(run: PreparedRun, out_dir: Path | None = None, progress: bool = True, log: TextIO | None = None
+            ) -> Path:
+    """Execute a prepared run under the project kernel into ``out_dir`` (default ``<run>/notebooks/``), with the
+    parameters it ran with beside it; ``log`` also receives the kernel's stdout and stderr as they come."""
+    import papermill
+
+    out_dir = out_dir or run.cfg.run_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / f"{nb.stem}.params.yaml", yaml.safe_dump(params, sort_keys=True))
-    output = out_dir / nb.name
-    papermill.execute_notebook(
-        str(nb), str(output), parameters=params, kernel_name=KERNEL_NAME,
-        progress_bar=progress, cwd=str(nb.parent),
-    )
+    write_text(out_dir / f"{run.notebook.stem}.params.yaml", yaml.safe_dump(run.params, sort_keys=True))
+    output = out_dir / run.notebook.name
+    with environ(checkout_env(os.environ)):  # the kernel (and a local Ray it starts) import this checkout
+        papermill.execute_notebook(
+            str(run.notebook), str(output), parameters=run.params, kernel_name=KERNEL_NAME,
+            progress_bar=progress, cwd=str(run.notebook.parent), stdout_file=log, stderr_file=log,
+        )
     return output
+
+
+def run_notebook(
+    notebook: str | Path,
+    parameters: dict[str, Any] | None = None,
+    params_file: str | Path | None = None,
+    run_name: str = "",
+    runs_dir: str = "runs",
+    progress: bool = True,
+) -> Path:
+    """Execute ``notebook`` headless under the project kernel; return the executed copy's path."""
+    return execute(prepare_run(notebook, parameters, params_file, run_name, runs_dir), progress=progress)
 
 
 def run_demo(preset: str = "tiny", run_name: str = "", runs_dir: str = "runs",

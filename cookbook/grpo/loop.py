@@ -263,8 +263,11 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
         if done == g.steps:
             staging = cfg.run_dir / "hf_export.mcore"
             trainer.call("save_model", str(staging))
-    except BaseException:
+    except BaseException as e:
         print(f"training stopped; the libraries' output is in {cfg.run_dir / 'logs'}", file=sys.stderr)
+        lost = workers.lost(e)
+        if lost is not None:
+            raise lost from e
         raise
     finally:
         tracker.close()

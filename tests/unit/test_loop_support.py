@@ -77,3 +77,11 @@ def test_placement_plans():
     split = plan_placement(load_config("moonlight-16b-a3b", ["parallel.colocate=false"]))
     assert set(split.trainer_bundles).isdisjoint(split.rollout_bundles)
     assert len(split.trainer_bundles) + len(split.rollout_bundles) == 8
+
+
+def test_placement_over_nodes_pins_each_bundle_to_a_node():
+    assert plan_placement(load_config("tiny")).bundle_nodes == []  # one node: Ray packs as it likes
+    cpu = plan_placement(load_config("tiny", ["parallel.num_nodes=2", "parallel.expert=4"]))
+    assert cpu.bundle_nodes == [0, 0, 1, 1, 0]  # trainer ranks in blocks over the nodes, rollout beside the driver
+    gpu = plan_placement(load_config("moonlight-16b-a3b", ["parallel.num_nodes=2"]))
+    assert gpu.bundle_nodes == [0] * 8 + [1] * 8  # bundle b on the node of GPU b
