@@ -154,9 +154,10 @@ class RolloutWorker:
             self.llm.wake_up(tags=tags)
         return time.perf_counter() - t0
 
-    def finish_weight_update(self) -> None:
-        """Refuse an update that left a weight stale; redo the CPU MoE packing once for all layers."""
-        self.llm.collective_rpc("cookbook_finish_update")
+    def finish_weight_update(self, kept: tuple[str, ...] = ()) -> None:
+        """Refuse an update that left a weight stale (but those named in ``kept``, left out on purpose, keep what
+        the engine loaded); redo the CPU MoE packing once for all layers."""
+        self.llm.collective_rpc("cookbook_finish_update", args=(tuple(kept),))
 
     def update_weights(self, buckets: Union[dict[str, torch.Tensor], Iterable[dict[str, torch.Tensor]]]
                        ) -> dict[str, float]:
