@@ -59,7 +59,8 @@ def measure(preset: str, overrides: list[str], runs: str, queue) -> None:
         rank = TrainerRank(cfg, 0, 1)
         rank.setup("127.0.0.1", 0, str(mcore), int(read_hf_config(hf).get("pad_token_id") or 0))
         out = {"after_setup_gib": torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None,
-               "params": sum(p.numel() for p in rank.model.parameters())}
+               "params": sum(p.numel() for p in rank.model.parameters()),
+               "master_weights": cfg.grpo.master_weights}  # benchmarks/planner_check.py predicts with it
         batch = synthetic_batch(cfg)
         t0 = time.perf_counter()
         rank.train_step(batch, 1)

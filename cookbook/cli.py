@@ -110,6 +110,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Will it fit: the layout's GPU and host memory, the verdict on 80 GB and 141 GB GPUs, the smallest layouts
+    that fit (``cookbook.plan``); nothing is started and no run folder is made. Exit 1 when it does not fit."""
+    from cookbook.config import load_config
+    from cookbook.plan import GPU, GPUS, plan_text, plans
+
+    cfg = load_config(args.preset, args.overrides, values={"run_name": "plan"})
+    gpus = [GPU(f"{g:g} GiB", int(g * 2**30)) for g in args.gpu_gib] if args.gpu_gib else list(GPUS)
+    print(plan_text(cfg, gpus, search_layouts=not args.no_search, host_gib=args.host_gib, max_gpus=args.max_gpus))
+    return 0 if all(p.fits for p in plans(cfg, gpus, host_gib=args.host_gib).values()) else 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cookbook.runner import parse_cli_value, run_notebook
 
@@ -228,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps of this call")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="will it fit: per-GPU memory of the layout (trainer, vLLM, host) on 80 GB and "
+                                    "141 GB GPUs, the tightest resource, the smallest layouts that fit")
+    p.add_argument("--preset", default="tiny", choices=PRESETS, help="model/recipe preset (default: tiny)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="layout or recipe overrides, e.g. "
+                                                                     "parallel.expert=4 parallel.num_nodes=2")
+    p.add_argument("--gpu-gib", type=float, action="append", default=[],
+                   help="judge on GPUs of this many GiB instead of 80 GB and 141 GB (repeatable)")
+    p.add_argument("--host-gib", type=float, default=None, help="host memory per node, GiB (default: not judged)")
+    p.add_argument("--max-gpus", type=int, default=1024, help="search layouts up to this many GPUs")
+    p.add_argument("--no-search", action="store_true", help="skip the search for the smallest layouts")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="execute a notebook headless with papermill into runs/<run>/notebooks/")
     p.add_argument("notebook", help="a notebook name (10_data) or path")

@@ -177,6 +177,9 @@ class GRPOConfig:
     save_every: int = 10
     keep_checkpoints: int = 2  # the newest complete checkpoints kept (an older one is the fallback if the newest is damaged)
     weight_decay: float = 0.01
+    # AdamW on fp32 master copies of bf16 parameters (cookbook/grpo/optimizer.py): without them most updates at
+    # lr ~1e-6 round away in bf16; false = AdamW in the parameter dtype (half the optimizer memory)
+    master_weights: bool = True
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
@@ -598,11 +601,13 @@ def _validate_layout(cfg: CookbookConfig) -> None:
     if world % model_parallel:
         raise ConfigError(
             f"parallel.tensor x pipeline x context = {p.tensor} x {p.pipeline} x {p.context} = {model_parallel} "
-            f"does not divide the {world} processes (num_nodes x gpus_per_node); change the layout or the GPU count")
+            f"does not divide the {world} processes (num_nodes x gpus_per_node){_node_hint(p)}")
     expert_parallel = p.expert * p.expert_tensor * p.pipeline
     if world % expert_parallel:
         raise ConfigError(
-            f"parallel.expert x expert_tensor x pipeline = {expert_parallel} does not divide the {world} processes")
+            f"parallel.expert x expert_tensor x pipeline = {p.expert} x {p.expert_tensor} x {p.pipeline} = "
+            f"{expert_parallel} does not divide the {world} processes (num_nodes x gpus_per_node)"
+            f"{_node_hint(p)}")
     _require(m.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
              f"must divide model.num_attention_heads ({m.num_attention_heads})")
     _require(m.num_attention_heads % p.rollout_tensor == 0, "parallel.rollout_tensor", p.rollout_tensor,
@@ -614,6 +619,15 @@ def _validate_layout(cfg: CookbookConfig) -> None:
             f"parallel.tensor={p.tensor} with MoE requires parallel.sequence_parallel=true (Megatron-Core)")
     _validate_pipeline_split(m, p)
     _validate_packing(cfg)
+
+
+def _node_hint(p: ParallelConfig) -> str:
+    """How to fix a GPU count the layout cannot use: the node counts that work (the GPUs must be a multiple of
+    both tensor x pipeline x context and expert x expert_tensor x pipeline), or another layout."""
+    unit = math.lcm(p.tensor * p.pipeline * p.context, p.expert * p.expert_tensor * p.pipeline)
+    nodes = unit // math.gcd(unit, p.gpus_per_node) if p.gpus_per_node else 1
+    return (f"; with parallel.gpus_per_node={p.gpus_per_node} set parallel.num_nodes to a multiple of {nodes} "
+            f"({nodes * p.gpus_per_node} GPUs), or change the layout")
 
 
 def packing_alignment(tensor: int, context: int) -> tuple[int, int]:

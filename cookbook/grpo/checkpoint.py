@@ -391,11 +391,12 @@ def _sharded_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     params = _optimizer_params(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
     if state_keys is not None:
+        state_dtype = getattr(optimizer, "state_dtype", lambda p: p.dtype)  # fp32 state of bf16 params
         for p in params:
             state = optimizer.state[p]
             for key in state_keys:
                 if key not in state:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
             for key in [k for k in state if k not in state_keys and k != "step"]:
                 del state[key]
     id_map = get_param_id_to_sharded_param_map(model_sd, params)

@@ -105,6 +105,14 @@ def evaluate_all(rollout: Any, during: list[dict[str, Any]], test: list[dict[str
     return metrics
 
 
+def trainer_batch(samples: list[Any], advantages: Any) -> dict[str, Any]:
+    """What ``TrainerRank.train_step`` takes from a rollout: the token ids, the rollout's log-probs and routed
+    experts (per sample ``[positions, MoE layers, top_k]``: routing statistics and replay), the advantages."""
+    return {"prompt_ids": [s.prompt_ids for s in samples], "response_ids": [s.response_ids for s in samples],
+            "rollout_logp": [s.logprobs for s in samples], "routed_experts": [s.routed_experts for s in samples],
+            "advantages": [float(a) for a in advantages]}
+
+
 def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfig, step: int
                  ) -> tuple[list[Any], np.ndarray, dict[str, float]]:
     """Sample n responses per prompt and score them; returns samples, rewards and reward metrics."""
@@ -113,7 +121,7 @@ def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfi
     g = cfg.grpo
     samples = ray.get(rollout.generate.remote(
         [p["prompt"] for p in prompts], n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
-        top_k=g.top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step)))
+        top_k=g.top_k, max_tokens=g.max_response_length, seed=step_seed(cfg.seed, step), routed_experts=True))
     t0 = time.perf_counter()
     results = score_batch([s.text for s in samples],
                           [prompts[s.prompt_index]["reward_model"]["ground_truth"] for s in samples], mode=g.reward_mode)
@@ -230,11 +238,7 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
 
             metrics.update(offload_rollout(rollout, cfg))
             t0 = time.perf_counter()
-            batch = ray.put({"prompt_ids": [s.prompt_ids for s in samples],
-                             "response_ids": [s.response_ids for s in samples],
-                             "rollout_logp": [s.logprobs for s in samples],
-                             "advantages": [float(a) for a in advantages]})
-            metrics.update(trainer.call("train_step", batch, step))
+            metrics.update(trainer.call("train_step", ray.put(trainer_batch(samples, advantages)), step))
             metrics["time/train"] = time.perf_counter() - t0
 
             metrics.update(sync_rollout(trainer, rollout, bucket_bytes))

@@ -29,6 +29,7 @@ from cookbook.config import GRPOConfig
 from cookbook.grpo import algorithm as A
 from cookbook.grpo.packing import PackedLayout, PackingSpec, build_microbatch
 from cookbook.megatron import parallel as P
+from cookbook.megatron import routing as moe_routing
 
 _PER_TOKEN = ("mask", "advantages", "old_logp", "ref_logp", "is_weights")
 
@@ -47,6 +48,10 @@ class TrainBatch:
     is_weights: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None  # [B] prompt + response tokens (needed to pack)
     packing: Optional[PackingSpec] = None  # train in packed rows (None: padded rows)
+    # [B, L - 1, MoE layers, top_k] int16: the experts the rollout routed each position to, -1 none
+    # (cookbook.megatron.routing: statistics and replay); row_index [B]: rows' indices in the batch (routing capture)
+    routing: Optional[torch.Tensor] = None
+    row_index: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -73,10 +78,12 @@ class TrainBatch:
 
         last = self.position_ids[:, -1:]
         positions = torch.cat([self.position_ids, last + torch.arange(1, extra + 1)], dim=1)
+        routing = None if self.routing is None else torch.nn.functional.pad(
+            self.routing, (0, 0, 0, 0, 0, extra), value=-1)
         return dataclasses.replace(
             self, input_ids=pad(self.input_ids, pad_id), position_ids=positions, mask=pad(self.mask, 0.0),
             advantages=pad(self.advantages, 0.0), old_logp=pad(self.old_logp, 0.0), ref_logp=pad(self.ref_logp, 0.0),
-            is_weights=pad(self.is_weights, 0.0))
+            is_weights=pad(self.is_weights, 0.0), routing=routing)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -120,6 +127,8 @@ def _packed_microbatches(batch: TrainBatch, layout: PackedLayout, device: torch.
                               cp_rank=ps.get_context_parallel_rank())
         mb = {"input_ids": pm.input_ids, "position_ids": pm.position_ids, "targets": pm.targets}
         mb.update({name: pm.pack(getattr(batch, name)) for name in _PER_TOKEN if getattr(batch, name) is not None})
+        if batch.routing is not None:
+            mb["routing"] = moe_routing.pack_routing(pm, batch.routing)
         mb = {name: t.to(device) for name, t in mb.items()}
         mb["packed_seq_params"], mb["packed"] = pm.packed_seq_params(device), pm
         mb["num_samples"] = len(batch)  # the id space of the samples in packed rows (GSPO's per-sample sums)
@@ -158,6 +167,7 @@ def _run_schedule(model: torch.nn.Module, microbatches: list[dict], loss: Callab
 
     def forward_step(data, model):
         mb = next(data)
+        moe_routing.microbatch(model, mb)  # the MoE routers' view of this micro-batch (statistics, replay)
         kwargs = {"packed_seq_params": mb["packed_seq_params"]} if packed else {}
         if hidden_states and model.post_process:
             with hidden_states_instead_of_logits(model) as captured:
@@ -202,8 +212,8 @@ def forward_logprobs(model: torch.nn.Module, batch: "TrainBatch | torch.Tensor",
     if batch.packing is not None:
         return _packed_logprobs(model, batch, micro_batch_size, temperature, pad_id)
     input_ids = batch.input_ids
-    batch = TrainBatch(input_ids, batch.position_ids, torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1),
-                       torch.zeros(input_ids.shape[0]))
+    batch = TrainBatch(input_ids, batch.position_ids, batch.mask, torch.zeros(input_ids.shape[0]),
+                       routing=batch.routing, row_index=batch.row_index)  # the mask and routing: for the routers
     shard = batch.rows(P.data_parallel_rows(len(batch))).padded(P.sequence_multiple(), pad_id)
     was_training = model.training
     model.eval()
@@ -344,8 +354,9 @@ def train_minibatch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ba
         microbatches = _microbatches(shard, g.micro_batch_size, device)
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    store = _run_schedule(model, microbatches, partial(_grpo_loss, g, normalizer), forward_only=False,
-                          hidden_states=fused)
+    with moe_routing.training(model):
+        store = _run_schedule(model, microbatches, partial(_grpo_loss, g, normalizer), forward_only=False,
+                              hidden_states=fused)
     P.finish_grad_sync(model)
     if after_backward is not None:
         after_backward()

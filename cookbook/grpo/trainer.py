@@ -26,6 +26,7 @@ import torch
 
 from cookbook.config import CookbookConfig
 from cookbook.grpo import algorithm as A
+from cookbook.megatron import routing
 
 
 def trainer_model_config(cfg: CookbookConfig) -> dict[str, Any]:
@@ -92,6 +93,7 @@ class TrainerRank:
         checkpoint, make the optimizer. Returns the layout this rank sees (for the log)."""
         from cookbook.convert.hf_to_mcore import load_megatron_checkpoint
         from cookbook.grpo.fused_loss import fused_loss_enabled
+        from cookbook.grpo.optimizer import make_optimizer
         from cookbook.megatron.model import build_model, init_parallel, use_cuda
         from cookbook.megatron.parallel import layout
 
@@ -105,11 +107,12 @@ class TrainerRank:
         load_megatron_checkpoint(self.ref_model, mcore_dir)
         for p in self.ref_model.parameters():
             p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=g.lr,
-            betas=(g.adam_beta1, g.adam_beta2), weight_decay=g.weight_decay)
+        self.optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad], g,
+                                        master_weights=g.master_weights)
         self.pad_id = pad_id
         self.fused = fused_loss_enabled(cfg)  # grpo.use_fused_kernels on CUDA: kernels/grpo_loss.py
+        # MoE routing statistics every step, and replay of the rollout's routing with moe.routing_replay=r3
+        self.moe_layers = routing.attach_trainer(cfg, self.model, self.ref_model)
         return layout()
 
     @staticmethod
@@ -128,12 +131,17 @@ class TrainerRank:
         # grpo.sequence_packing: the step trains in packed rows; tensors here stay in the padded [B, L - 1] layout
         tb = batch_from_rollout(batch["prompt_ids"], batch["response_ids"], batch["advantages"], self.pad_id,
                                 packing=PackingSpec.from_config(self.cfg))
+        tb = routing.with_rollout_routing(  # the experts the rollout chose
+            tb, batch.get("routed_experts"), self.moe_layers, self.cfg.model.moe_router_topk,
+            replay=self.cfg.moe.routing_replay == "r3")
 
         def logprobs(model: torch.nn.Module) -> torch.Tensor:
             return forward_logprobs(model, tb, micro_batch_size=g.micro_batch_size, temperature=g.temperature,
                                     pad_id=self.pad_id)
 
+        routing.start_pass(self.model, keep=True)  # the policy's routing before the updates, vs the rollout's
         old_logp, ref_logp = logprobs(self.model), logprobs(self.ref_model)
+        routing_before = routing.end_pass(self.model)
         rollout_logp = A.align_rollout_logprobs(batch["prompt_ids"], batch["rollout_logp"], tb.mask)
         metrics = {f"mismatch/{k}": v for k, v in
                    A.mismatch_metrics(old_logp, rollout_logp, tb.mask, g.mismatch_threshold).items()}
@@ -146,6 +154,8 @@ class TrainerRank:
         tb = dataclasses.replace(tb, old_logp=old_logp, ref_logp=ref_logp, is_weights=is_weights)
         metrics.update(train_on_batch(self.model, self.optimizer, tb, g, seed=self.cfg.seed + step,
                                       pad_id=self.pad_id, fused=self.fused))
+        # routing/*: rollout vs trainer, and policy change (one more forward of the batch, after the updates)
+        metrics.update(routing.policy_change(self.model, routing_before, lambda: logprobs(self.model), self.moe_layers))
         tokens = sum(len(p) + len(r) for p, r in zip(batch["prompt_ids"], batch["response_ids"]))
         metrics["perf/train_tokens_per_s"] = tokens / (time.perf_counter() - t0)  # batch tokens / step time
         if torch.cuda.is_available():

@@ -54,19 +54,16 @@ class OneStep:
                              for i in range(len(self.prompts))]).set_index("prompt")
 
     def update(self):
-        """The trainer group's step on this batch: the loss terms, clip fractions, mismatch, grad norm."""
+        """The trainer group's step on this batch: the loss terms, clip fractions, mismatch, routing statistics,
+        grad norm."""
         import pandas as pd
         import ray
 
-        from cookbook.grpo.loop import offload_rollout
+        from cookbook.grpo.loop import offload_rollout, trainer_batch
 
         offload_rollout(self.workers.rollout, self.cfg)
-        batch = ray.put({"prompt_ids": [s.prompt_ids for s in self.samples],
-                         "response_ids": [s.response_ids for s in self.samples],
-                         "rollout_logp": [s.logprobs for s in self.samples],
-                         "advantages": [float(a) for a in self.adv]})
-        metrics = self.workers.trainer.call("train_step", batch, 1)
-        keep = ("actor/", "mismatch/")
+        metrics = self.workers.trainer.call("train_step", ray.put(trainer_batch(self.samples, self.adv)), 1)
+        keep = ("actor/", "mismatch/", "routing/rollout_vs_trainer", "routing/policy_change")
         return pd.Series({k: v for k, v in metrics.items() if k.startswith(keep)}, name="step 1").to_frame()
 
     def sync(self):

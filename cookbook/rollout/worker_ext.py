@@ -11,7 +11,8 @@ and both are expected: the absorbed matrices are recomputed from the new ``kv_b_
 rotary cache comes from the config (tests/integration/test_rollout_vllm.py checks decode log-probs against HF
 after a sync). A weight that no bucket loaded means a broken sync and raises here.
 
-The engine also reports which attention backends its layers were built with (``cookbook.rollout.backends``).
+The engine also reports which attention backends its layers were built with (``cookbook.rollout.backends``), and on
+CPU captures the experts its MoE routers chose (``cookbook.rollout.compat.RoutedExpertsCapture``).
 """
 from __future__ import annotations
 
@@ -88,3 +89,15 @@ class WeightSyncExtension:
             out.append({"layer": name, "backend": backend.get_name(),
                         "prefill": type(prefill).get_name() if prefill is not None else "-"})
         return out
+
+    def cookbook_capture_routing(self) -> list[int]:
+        """Capture the experts every MoE layer's router chooses (the CPU ``routed`` fix); returns the MoE layers."""
+        from cookbook.rollout import compat
+
+        return compat.capture_routed_experts(self.model_runner).layers
+
+    def cookbook_take_routing(self) -> dict:
+        """The captured routing of every request since the last call, by internal request id."""
+        from cookbook.rollout import compat
+
+        return compat.capture_routed_experts(self.model_runner).take()

@@ -3,8 +3,8 @@ CPU (gloo), fp32, random weights.
 
   roundtrip  1 process: trains, saves steps 1..3 (keep=2), then loads step 3 into a freshly built model and
              optimizer and checks weights, optimizer state and RNG bit-equal and that one more step equals one
-             more step without the save/load. Writes ``single-state.pt`` (the state at step 3 and after one
-             more step) for the layouts to load.
+             more step without the save/load (``--dtype bfloat16``: the fp32 master weights too).
+             Writes ``single-state.pt`` (the state at step 3 and after one more step) for the layouts to load.
   layout     N processes (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT): loads the 1-process checkpoint into
              ``--layout`` and compares (1 -> layout); then saves its own checkpoint at step 4 into
              ``run-<layout>`` and writes ``<layout>-state.pt`` (layout -> 1).
@@ -33,10 +33,10 @@ LAYOUTS = {"one": (1, 1), "tp2": (2, 1), "ep2": (1, 2)}  # name -> (tensor, expe
 LOOP_STATE = {"prompts": {"epoch": 0, "offset": 24}}
 
 
-def make_cfg(layout: str = "one", seed: int = 1, model: dict | None = None):
+def make_cfg(layout: str = "one", seed: int = 1, model: dict | None = None, dtype: str = "float32"):
     from cookbook.config import load_config
 
-    cfg = load_config("tiny", values={"model": {**MODEL, **(model or {})}}, overrides=[
+    cfg = load_config("tiny", values={"model": {**MODEL, "params_dtype": dtype, **(model or {})}}, overrides=[
         "moe.router_enable_expert_bias=true", "moe.router_bias_update_rate=0.001", "grpo.lr=0.001",
         "grpo.micro_batch_size=4", f"seed={seed}"])
     tp, ep = LAYOUTS[layout]
@@ -65,10 +65,10 @@ def build(cfg, rank: int = 0, world: int = 1):
 
     init_parallel(cfg, rank=rank, world_size=world)
     model = build_model(cfg)
-    g = cfg.grpo
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.lr,
-                            betas=(g.adam_beta1, g.adam_beta2), weight_decay=g.weight_decay)
-    return model, opt
+    from cookbook.grpo.optimizer import make_optimizer
+
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.grpo, master_weights=True)
+    return model, opt  # as the trainer makes it (fp32 parameters: torch's AdamW step; bf16: fp32 master weights)
 
 
 def train_step(cfg, model, opt, batch) -> None:
@@ -129,7 +129,7 @@ def roundtrip(args) -> dict:
     from cookbook.grpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
     out = Path(args.out)
-    cfg = make_cfg("one")
+    cfg = make_cfg("one", dtype=args.dtype)
     batch = make_batch(cfg)
     model, opt = build(cfg)
     times = []
@@ -145,7 +145,7 @@ def roundtrip(args) -> dict:
     continued = gather_state(model, opt)
     torch.save({"saved": saved, "continued": continued}, out / "single-state.pt")
 
-    model2, opt2 = build(make_cfg("one", seed=7))  # other initial weights, no optimizer state
+    model2, opt2 = build(make_cfg("one", seed=7, dtype=args.dtype))  # other initial weights, no optimizer state
     random.random(), np.random.rand(), torch.rand(5)  # move every generator on
     before_load = draws()
     t0 = time.perf_counter()
@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--layout", default="tp2", choices=tuple(LAYOUTS))
     parser.add_argument("--layouts", default="tp2,ep2")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="roundtrip's parameters")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = MODES[args.mode](args)

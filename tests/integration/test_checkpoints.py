@@ -46,8 +46,8 @@ def back_to_one(layouts, out):
     return _probe("load-one", "--out", str(out), "--layouts", ",".join(LAYOUTS))
 
 
-def _assert_bit_equal(report: dict) -> None:
-    assert set(report) == {"weights", "exp_avg", "exp_avg_sq", "steps", "param_groups"}, report
+def _assert_bit_equal(report: dict, state=("exp_avg", "exp_avg_sq")) -> None:
+    assert set(report) == {"weights", *state, "steps", "param_groups"}, report
     for part, r in report.items():
         if "bit_equal" in r:
             assert r["same_names"] and r["tensors"] > 20 and r["bit_equal"], (part, r)
@@ -145,3 +145,11 @@ def test_checkpoint_of_another_architecture_is_refused_before_the_model_is_touch
     msg = str(e.value)
     assert "model.hidden_size: checkpoint 64, this run 96" in msg and str(path) in msg, msg
     assert "model.hidden_size=64" in msg and "new run folder" in msg, msg
+
+
+def test_bf16_round_trip_keeps_the_fp32_master_weights_bit_exactly(out):
+    """bf16 parameters train on fp32 master copies (cookbook/grpo/optimizer.py): the checkpoint keeps them, in fp32,
+    so the step after a resume is the step the run would have taken."""
+    r = _probe("roundtrip", "--out", str(out / "bf16"), "--dtype", "bfloat16")
+    _assert_bit_equal(r["loaded_vs_saved"], state=("exp_avg", "exp_avg_sq", "master"))
+    _assert_bit_equal(r["step_after_load_vs_continued"], state=("exp_avg", "exp_avg_sq", "master"))

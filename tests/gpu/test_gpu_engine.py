@@ -1,32 +1,20 @@
 """The GRPO engine on one GPU (run on the GPU machine: ``python3 -m pytest -m gpu tests/gpu``): vLLM (bf16,
 FLASH_ATTN_MLA) colocated with the trainer group. After a weight sync the rollout's log-probs follow the trainer's
-new weights; sleep frees GPU memory and wake restores identical outputs; the fused-loss path runs inside the loop.
+new weights; sleep frees GPU memory and wake restores identical outputs; the fused-loss path runs inside the loop
+(test_gpu_loop.py; this module runs first, so that a time limit cuts the slower loop runs, not these).
 
 Tolerance: the rollout runs in bf16 and the tiny trainer in fp32, so their log-probs differ by bf16 rounding (the
 mean |diff| of vLLM against HF in bf16 was 0.01 on a DeepSeek-V3-shaped model, platform-facts.md); a sync that
 left the engine on the old weights shows differences of the size of the update, here made large on purpose.
 """
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from helpers import make_random_tiny_hf  # noqa: E402
+from gpu_common import PROMPTS, gpu_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
-PROMPTS = [[{"role": "user", "content": f"What is {i} + {2 * i}?"}] for i in range(8)]
-
-
-def _cfg(tmp_path, *overrides):
-    from cookbook.config import load_config
-
-    hf = make_random_tiny_hf(tmp_path / "hf")
-    return load_config("tiny", [f"model.hf_dir={hf}", "parallel.gpus_per_node=1", "logging.wandb_mode=disabled",
-                                "parallel.rollout_gpu_memory_utilization=0.3", *overrides],
-                       values={"runs_dir": str(tmp_path / "runs"), "run_name": "gpu"})
 
 
 def _batch(rollout, seed):
@@ -38,30 +26,11 @@ def _batch(rollout, seed):
                     "advantages": [float((i % 3) - 1) for i in range(len(samples))]})
 
 
-def test_the_fused_loss_runs_inside_the_loop(tmp_path):
-    """Runs first: it starts and stops its own Ray (the module's workers below hold the GPU once started)."""
-    from cookbook.data.prepare import prepare_data
-    from cookbook.grpo.loop import train
-
-    results = {}
-    for fused in (False, True):
-        cfg = _cfg(tmp_path / str(fused), f"grpo.use_fused_kernels={str(fused).lower()}", "grpo.steps=2",
-                   "grpo.prompts_per_step=4", "grpo.samples_per_prompt=4", "grpo.max_response_length=16",
-                   "grpo.eval_every=0", "grpo.save_every=0", "data.num_train=32", "data.num_test=8")
-        prepare_data(cfg)
-        results[fused] = train(cfg, progress=False).history
-    plain, fused = results[False][0], results[True][0]
-    print(json.dumps({"plain": plain, "fused": fused}, indent=1))
-    assert fused["reward/mean"] == plain["reward/mean"]  # the same samples: nothing before the loss changed
-    for key in ("actor/pg_loss", "actor/kl", "actor/entropy", "actor/ratio_mean"):
-        assert fused[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-4), key
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     from cookbook.grpo.workers import start_workers
 
-    cfg = _cfg(tmp_path_factory.mktemp("gpu"), "grpo.lr=0.01", "grpo.num_minibatches=1")
+    cfg = gpu_config(tmp_path_factory.mktemp("gpu"), "grpo.lr=0.01", "grpo.num_minibatches=1")
     w = start_workers(cfg)
     yield cfg, w
     w.shutdown()
