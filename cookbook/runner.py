@@ -185,6 +185,16 @@ def machine_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu_info(),
                             "nice": os.nice(0)}
+    try:  # the code the study ran: this checkout's commit, and whether it had changes beyond it
+        import subprocess
+
+        root = str(project_root())
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        info["code"] = {"commit": commit, "uncommitted_changes": bool(dirty)}
+    except OSError:
+        info["code"] = {}
     try:
         import torch
 
@@ -255,7 +265,7 @@ def prepare_study_inputs(grid, study: Path, specs: list) -> dict[str, dict[str, 
     return extra
 
 
-def _start_ray(cfg, init_ray, attempts: int = 3) -> None:
+def _start_ray(cfg, init_ray, attempts: int = 5) -> None:
     """Start the study's Ray instance; on a busy machine its start can time out, so try again a few times."""
     import ray
 
@@ -268,7 +278,7 @@ def _start_ray(cfg, init_ray, attempts: int = 3) -> None:
             if attempt == attempts - 1:
                 raise
             print(f"study: Ray did not start ({str(e).splitlines()[0][:120]}); trying again", flush=True)
-            time.sleep(10)
+            time.sleep(30)
 
 
 def run_study(grid, study_dir: str | Path = "", only: tuple[str, ...] = (), progress: bool = True,
