@@ -183,6 +183,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """A study (``cookbook.analysis.study``): the grid's runs of notebook 30 into one folder, then its report."""
+    from cookbook.analysis.study import grid_yaml, load_grid, plan, read_grid
+    from cookbook.runner import run_study
+    from cookbook.rundir import resolve_from_root
+
+    if args.grid:
+        grid = load_grid(args.grid)
+    elif args.out and (resolve_from_root(args.out) / "study.yaml").is_file():
+        grid = read_grid(resolve_from_root(args.out))  # resuming a study: its own grid
+    else:
+        grid = load_grid()
+    only = tuple(c for c in (args.only or "").split(",") if c)
+    if args.show_grid:
+        print(grid_yaml(grid), end="")
+        return 0
+    if args.dry_run:
+        for spec in plan(grid, only):
+            print(f"{spec.name}: {spec.overrides}")
+        return 0
+    rep = run_study(grid, args.out, only=only, progress=not args.no_progress)
+    if rep is not None and rep.table is not None:
+        print(rep.final_table().to_string())
+        print(f"report: {rep.study_dir / 'report'}")
+    failed = [r["run"] for r in (rep.manifest["runs"] if rep is not None else []) if r.get("status") != "done"]
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cookbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spread", default="minmax", choices=("minmax", "std"),
                    help="the study's error bars: min-max or +-1 sample std over a group's runs")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("study", help="a study: a grid of cases x seeds, each a papermill run of notebook 30 in one "
+                                     "folder (resumable), then the report case by case (notebook 90 with study)")
+    p.add_argument("--grid", default="", help="a YAML grid (default: the MoE stability study; --show-grid prints it)")
+    p.add_argument("--out", default="", help="the study folder (default: runs/study-<time>); an existing one resumes")
+    p.add_argument("--only", default="", help="run only these cases (comma-separated)")
+    p.add_argument("--show-grid", action="store_true", help="print the grid as YAML and stop")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their settings and stop")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("demo", help="run the notebook sequence on a preset into one run folder (make demo)")
     p.add_argument("--preset", default="tiny", choices=PRESETS)

@@ -73,11 +73,19 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0
     router_enable_expert_bias: bool = False
     router_bias_update_rate: float = 0.0
+    # the trainer's router logits: fp32, or none = the model dtype (bf16 with model.params_dtype=bfloat16); the
+    # rollout engine (vLLM) computes its router in the model dtype whatever this says
     router_dtype: str = "fp32"  # fp32 | none (model dtype)
     token_dispatcher_type: str = "alltoall"  # alltoall | allgather (CPU needs allgather)
     # routing replay: none, or r3 (the trainer routes every token to the experts the rollout engine chose; the gates
     # stay the trainer router's own scores, normalised over those experts; cookbook.megatron.routing)
     routing_replay: str = "none"
+    # Experiment knob (the MoE stability study, docs/study/): false builds the trainer's routers without the expert
+    # bias (Megatron's moe_router_enable_expert_bias=False), as ChatLearn builds Moonlight and DeepSeek-V3, while the
+    # rollout engine keeps the e_score_correction_bias it loaded from the checkpoint; the two then route differently
+    # wherever the bias decides a token's experts. Needs parallel.sync_expert_bias=false (the trainer has no bias to
+    # send) and no bias updates. Checkpoints and conversions still carry the bias; the HF export writes the rollout's.
+    trainer_expert_bias: bool = True
 
 
 @dataclass
@@ -100,6 +108,11 @@ class ParallelConfig:
     rollout_gpu_memory_utilization: float = 0.75
     colocate: bool = True  # trainer and rollout share the GPUs (offloaded between phases)
     weight_sync_bucket_mb: int = 1024  # the trainer -> rollout weight sync sends whole layers in buckets of this size
+    # Experiment knob (the MoE stability study): false leaves the routers' expert bias (e_score_correction_bias) out
+    # of the weight sync, so the rollout engine keeps the bias it loaded while the trainer's drifts under
+    # moe.router_bias_update_rate: what a sync that carries only parameters (the bias is a buffer) would do. Needs bias
+    # updates, or moe.trainer_expert_bias=false; otherwise the bias never changes and leaving it out does nothing.
+    sync_expert_bias: bool = True
 
 
 @dataclass
@@ -489,6 +502,7 @@ def validate(cfg: CookbookConfig) -> None:
         raise ConfigError(
             f"moe.router_bias_update_rate={moe.router_bias_update_rate} needs moe.router_enable_expert_bias=true "
             "(the tutorial turns both off for RL stability)")
+    _validate_expert_bias_knobs(moe, p)
 
     # Sizes and hyperparameters.
     _require(g.steps >= 1, "grpo.steps", g.steps, "must be >= 1")
@@ -523,6 +537,25 @@ def validate(cfg: CookbookConfig) -> None:
                           "computes only the token-level PPO-clip loss ('ppo'); set grpo.use_fused_kernels=false or "
                           "grpo.policy_loss=ppo")
     _validate_layout(cfg)
+
+
+def _validate_expert_bias_knobs(moe: MoEConfig, p: ParallelConfig) -> None:
+    """The study's expert-bias knobs: each must change something, and the two must agree."""
+    updates = moe.router_enable_expert_bias and moe.router_bias_update_rate > 0
+    if not moe.trainer_expert_bias:
+        if moe.router_enable_expert_bias:
+            raise ConfigError(
+                "moe.trainer_expert_bias=false builds the trainer's routers without an expert bias, so there is none to "
+                "update: set moe.router_enable_expert_bias=false and moe.router_bias_update_rate=0")
+        if p.sync_expert_bias:
+            raise ConfigError(
+                "moe.trainer_expert_bias=false: the trainer has no expert bias to send, so the rollout engine keeps the "
+                "one it loaded; say so with parallel.sync_expert_bias=false")
+    elif not p.sync_expert_bias and not updates:
+        raise ConfigError(
+            "parallel.sync_expert_bias=false changes nothing while the trainer's expert bias is frozen (the rollout "
+            "engine already has the same bias): turn on bias updates (moe.router_enable_expert_bias=true, "
+            "moe.router_bias_update_rate > 0), or set moe.trainer_expert_bias=false, or leave it true")
 
 
 def _validate_importance(g: GRPOConfig) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, TextIO
 
 import yaml
 
-from cookbook.atomic import write_text
+from cookbook.atomic import write_json, write_text
 from cookbook.config import ConfigError, CookbookConfig, load_config, nest_dotted
 from cookbook.rundir import checkout_env, project_root, resolve_from_root
 
@@ -193,3 +193,208 @@ def run_demo(preset: str = "tiny", run_name: str = "", runs_dir: str = "runs",
         outputs.append(run_notebook(name, {"preset": preset}, params_file=params_file if params_file.is_file() else None,
                                     run_name=run_name, runs_dir=runs_dir, progress=progress))
     return outputs
+
+
+# -- a study: a grid of notebook-30 runs in one folder (cookbook.analysis.study) --------------------------------
+def machine_info() -> dict[str, Any]:
+    """Where a study ran: host, CPU (model, cores, the flags that change kernels), GPUs, the load when it started."""
+    import os
+    import platform
+    import socket
+
+    from cookbook.envcheck import cpu_info
+
+    info: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu_info(),
+                            "nice": os.nice(0)}
+    try:  # the code the study ran: this checkout's commit, and whether it had changes beyond it
+        import subprocess
+
+        root = str(project_root())
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        info["code"] = {"commit": commit, "uncommitted_changes": bool(dirty)}
+    except OSError:
+        info["code"] = {}
+    try:
+        import torch
+
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # a broken CUDA install reports no GPU rather than stopping the study
+        info["gpus"] = []
+    return info
+
+
+def _load() -> list[float]:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _short_hash(values: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _convert_in_process(cfg, hf_dir: str, out: str) -> None:
+    from cookbook.convert.pipeline import convert
+
+    convert(cfg, "hf_to_mcore", hf_dir, out, part=(0, 1), progress=False)
+
+
+def prepare_study_inputs(grid, study: Path, specs: list) -> dict[str, dict[str, Any]]:
+    """What runs share, made once in ``<study>/shared/``: the start model (with ``start_bias: balanced`` the tiny
+    model with a balancing expert bias, ``cookbook.models.expert_bias``), the data of each seed (the generated
+    problems follow the run seed, as in any run), the converted Megatron checkpoint of each architecture. Returns
+    each run's extra overrides (``model.hf_dir``, ``data.processed_dir``, ``model.mcore_dir``)."""
+    import dataclasses
+
+    import ray
+
+    from cookbook.data.prepare import prepare_data
+    from cookbook.models.tiny import resolve_hf_dir
+
+    shared = study / "shared"
+    extra: dict[str, dict[str, Any]] = {}
+    start: dict[str, str] = {}
+    for spec in specs:
+        cfg = load_config(grid.preset, values={"runs_dir": str(study), "run_name": spec.name,
+                                               **nest_dotted(spec.overrides)})
+        hf_dir = str(resolve_hf_dir(cfg))
+        if grid.start_bias == "balanced":
+            key = _short_hash(dataclasses.asdict(cfg.model) | {"hf_dir": hf_dir})
+            if key not in start:
+                from cookbook.models.expert_bias import balanced_bias_checkpoint
+
+                start[key] = str(balanced_bias_checkpoint(cfg, hf_dir, shared / f"start-model-{key}"))
+            hf_dir = start[key]
+        values = {"model.hf_dir": hf_dir} if grid.start_bias == "balanced" else {}
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_dir=values.get("model.hf_dir", "")))
+        data_key = _short_hash({"data": dataclasses.asdict(cfg.data), "prompt": cfg.grpo.max_prompt_length,
+                                "hf_dir": hf_dir, "seed": cfg.seed})
+        data_dir = shared / f"data-seed{cfg.seed}-{data_key}"
+        values["data.processed_dir"] = str(data_dir)
+        prepare_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, processed_dir=str(data_dir))))
+        model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("hf_dir", "mcore_dir")}
+        mcore = shared / f"mcore-{_short_hash({'model': model, 'hf_dir': hf_dir})}"
+        if not mcore.is_dir():  # in a process of its own, as training does (conversion sets up torch.distributed)
+            ray.get(ray.remote(num_cpus=1)(_convert_in_process).remote(cfg, hf_dir, str(mcore)))
+        values["model.mcore_dir"] = str(mcore)
+        extra[spec.name] = values
+    return extra
+
+
+def _start_ray(cfg, init_ray, attempts: int = 5) -> None:
+    """Start the study's Ray instance; on a busy machine its start can time out, so try again a few times."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            init_ray(cfg)
+            return
+        except Exception as e:  # Ray raises a bare Exception when its node does not come up in time
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+            print(f"study: Ray did not start ({str(e).splitlines()[0][:120]}); trying again", flush=True)
+            time.sleep(30)
+
+
+def run_study(grid, study_dir: str | Path = "", only: tuple[str, ...] = (), progress: bool = True,
+              report: bool = True):
+    """Run a study's grid (``cookbook.analysis.study``) into ``study_dir`` (default ``runs/study-<time>``): one
+    papermill execution of notebook 30 per case and seed, ``<study>/<case>-seed<k>/``, in order. Runs already done
+    are skipped, an interrupted one resumes from its checkpoint, a failed one runs again; every run records its case,
+    seed, settings, wall time and the machine load in ``study_run.json`` and in the study's ``study.json``. Every run
+    joins one local Ray instance started here (instead of starting its own). Then the study report goes to
+    ``<study>/report/`` (``cookbook.analysis.study.study_report``). Returns that report (or None)."""
+    import datetime
+    import os
+
+    import ray
+    from tqdm.auto import tqdm
+
+    from cookbook.analysis import study as S
+    from cookbook.cluster.placement import init_ray
+
+    specs = S.plan(grid, only)
+    study = resolve_from_root(study_dir or f"runs/study-{time.strftime('%Y%m%d-%H%M%S')}")
+    study.mkdir(parents=True, exist_ok=True)
+    S.check_study_folder(study, grid)
+    write_text(study / S.STUDY_FILE, S.grid_yaml(grid))
+    status = {s.name: S.run_status(study, s) for s in specs}
+    manifest_path = study / S.MANIFEST
+    manifest = S.read_manifest(study) if manifest_path.is_file() else {
+        "name": grid.name, "created": datetime.datetime.now().isoformat(timespec="seconds"), "runs": []}
+    manifest.update(grid=grid.to_dict(), machine=machine_info())
+    records = {r["run"]: r for r in manifest.get("runs", [])}
+
+    def save() -> None:
+        manifest["runs"] = [records[s.name] for s in S.plan(grid) if s.name in records]
+        done = [r for r in manifest["runs"] if r.get("status") == "done"]
+        manifest["wall_s_runs"] = round(sum(r.get("wall_s") or 0 for r in done), 1)
+        manifest["updated"] = datetime.datetime.now().isoformat(timespec="seconds")
+        write_json(manifest_path, manifest)
+
+    todo = [s for s in specs if status[s.name] != "done"]
+    print(f"study {study}: {len(specs)} runs, {len(specs) - len(todo)} done, {len(todo)} to run", flush=True)
+    t_study = time.perf_counter()
+    if todo:
+        widest = max(todo, key=lambda s: load_config(grid.preset, values=nest_dotted(s.overrides)).world_size)
+        ray_cfg = load_config(grid.preset, values={"runs_dir": str(study), "run_name": "shared",
+                                                   **nest_dotted(widest.overrides)})
+        had_address = os.environ.get("RAY_ADDRESS")
+        # the study's own Ray, which every run's notebook joins through RAY_ADDRESS; its workers import this checkout
+        with environ(checkout_env(os.environ)):
+            _start_ray(ray_cfg, init_ray)
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        try:
+            t0 = time.perf_counter()
+            shared = prepare_study_inputs(grid, study, todo)
+            manifest["prepare_s"] = round(manifest.get("prepare_s", 0) + time.perf_counter() - t0, 1)
+            bar = tqdm(todo, desc="study", unit="run", disable=not progress)
+            for spec in bar:
+                bar.set_postfix_str(spec.name)
+                run_dir = study / spec.name
+                run_dir.mkdir(exist_ok=True)
+                record = {"run": spec.name, "case": spec.case, "seed": spec.seed, "overrides": spec.overrides,
+                          "status": "running", "resumed": status[spec.name] == "interrupted",
+                          "started": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": _load(),
+                          "where": f"{manifest['machine']['host']} ({manifest['machine']['cpu']['model']})"}
+                S.write_marker(run_dir, record)
+                records[spec.name] = record
+                save()
+                t0 = time.perf_counter()
+                try:
+                    run_notebook(S.NOTEBOOK, spec.notebook_parameters(grid.preset, shared[spec.name]),
+                                 run_name=spec.name, runs_dir=str(study), progress=False)
+                    record["status"] = "done"
+                except Exception as e:  # one failed run does not stop the others; a new call runs it again
+                    record.update(status="failed", error=f"{type(e).__name__}: {str(e).strip()[-2000:]}")
+                    print(f"study: {spec.name} failed ({type(e).__name__}); its notebook and logs are in {run_dir}",
+                          flush=True)
+                record.update(wall_s=round(time.perf_counter() - t0, 1), load_after=_load(),
+                              finished=datetime.datetime.now().isoformat(timespec="seconds"))
+                S.write_marker(run_dir, record)
+                save()
+                print(f"study: {spec.name} {record['status']} in {record['wall_s']:.0f} s (load {record['load_after'][0]})",
+                      flush=True)
+        finally:
+            ray.shutdown()
+            if had_address is None:
+                os.environ.pop("RAY_ADDRESS", None)
+            else:
+                os.environ["RAY_ADDRESS"] = had_address
+    manifest["wall_s_last_call"] = round(time.perf_counter() - t_study, 1)
+    save()
+    failed = [r["run"] for r in manifest["runs"] if r.get("status") != "done"]
+    if failed:
+        print(f"study: not done: {', '.join(failed)} (run the same command again to retry them)", flush=True)
+    if not report:
+        return None
+    rep = S.study_report(study)
+    manifest["report"] = [str(p.relative_to(study)) for p in rep.files]
+    save()
+    return rep

@@ -70,3 +70,53 @@ def write_example_runs(root: str | os.PathLike, cases: Sequence[str] = ("synthet
             write_text(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             folders.append(folder)
     return folders
+
+
+EXAMPLE_GRID = {
+    "name": "synthetic-study", "about": "made-up numbers that show the layout of a study, not a result",
+    "preset": "tiny", "seeds": [1, 2, 3], "start_bias": "checkpoint",
+    "base": {"model.params_dtype": "bfloat16", "grpo.steps": 8},
+    "cases": {
+        "synthetic-frozen": {"about": "expert bias frozen", "overrides": {}},
+        "synthetic-updates": {"about": "expert-bias updates", "overrides": {"moe.router_enable_expert_bias": True,
+                                                                            "moe.router_bias_update_rate": 1e-3}},
+        "synthetic-cp1": {"about": "compared on its own", "overrides": {}, "seeds": [1], "in_study": False},
+        "synthetic-cp2": {"about": "compared on its own", "overrides": {"grpo.lr": 1e-5}, "seeds": [1],
+                          "in_study": False},
+    },
+    "compare": {"cp": ["synthetic-cp1", "synthetic-cp2"]},
+}
+
+
+def write_example_study(root: str | os.PathLike, grid: dict | None = None, steps: int = 8) -> Path:
+    """A study folder as ``cookbook study`` leaves it (``study.yaml``, ``study.json``, one finished run folder per
+    case and seed with its ``study_run.json``), every run's metrics made up as ``write_example_runs`` makes them."""
+    import json
+
+    from cookbook.analysis import study as S
+
+    root = Path(root)
+    g = S.grid_from_dict(grid or EXAMPLE_GRID)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text(root / S.STUDY_FILE, S.grid_yaml(g))
+    records = []
+    for i, case in enumerate(g.cases):
+        # write_example_runs makes its i-th case i times worse: case i here is that i-th case, under its own name
+        names = [f"synthetic-filler-{j}" for j in range(i)] + [case.name]
+        for seed in case.seeds if case.seeds is not None else g.seeds:
+            write_example_runs(root / ".examples", cases=names, seeds=(seed,), steps=steps, eval_every=steps // 2)
+            src = root / ".examples" / f"{case.name}-seed{seed}"
+            spec = next(s for s in S.plan(g, only=(case.name,)) if s.seed == seed)
+            dst = root / spec.name
+            dst.mkdir(exist_ok=True)
+            for f in ("metrics.jsonl", "config.yaml"):
+                (dst / f).write_text((src / f).read_text())
+            S.write_marker(dst, {"run": spec.name, "case": case.name, "seed": seed, "overrides": spec.overrides,
+                                 "status": "done", "wall_s": 1.0})
+            records.append({"run": spec.name, "case": case.name, "seed": seed, "status": "done", "wall_s": 1.0,
+                            "where": "synthetic"})
+    import shutil
+
+    shutil.rmtree(root / ".examples")
+    write_text(root / S.MANIFEST, json.dumps({"name": g.name, "synthetic": True, "runs": records}, indent=2))
+    return root

@@ -300,7 +300,7 @@ class Report:
 
 def build_report(runs: Sequence[str | os.PathLike] = (), labels: Sequence[str] = (), out_dir: str | os.PathLike = "",
                  groups: Optional[dict[str, Sequence[str]]] = None, spread: str = "minmax",
-                 runs_dir: str | os.PathLike = "runs") -> Report:
+                 runs_dir: str | os.PathLike = "runs", by_group: bool = False) -> Report:
     """Compare run folders (notebook 90 and ``cookbook report`` call this).
 
     ``runs``: run folders, relative to the project root or absolute (none: the folders of ``groups``, else every
@@ -308,7 +308,9 @@ def build_report(runs: Sequence[str | os.PathLike] = (), labels: Sequence[str] =
     ``groups``: the study's groups ({label: [run folder or label, ...]}; default: ``<case>-seed<k>`` names grouped
     by case); ``spread``: the study's error bars, ``minmax`` or ``std``; ``out_dir``: where the PNGs and CSVs go
     (default: the first run's ``plots/``). The figures are compare_training.png, compare_mismatch.png,
-    compare_routing.png and study.png; the tables summary.csv, study.csv and coverage.csv.
+    compare_routing.png and study.png; the tables summary.csv, study.csv and coverage.csv. ``by_group``: the
+    training, mismatch and routing figures draw each group's mean with error bars, not one line per run (a study of
+    many seeds: ``cookbook.analysis.study``).
     """
     import matplotlib.pyplot as plt
 
@@ -330,16 +332,19 @@ def build_report(runs: Sequence[str | os.PathLike] = (), labels: Sequence[str] =
     rep = Report(loaded, grouped, spread, out)
 
     curves = {r.label: r.rows for r in loaded}
+    study_groups = {g: {r.label: r.rows for r in members} for g, members in grouped.items()}
     for name, panels in _panels_with_threshold(loaded).items():
         if not any(panel_series(rows, k)[0] for k, _ in panels for rows in curves.values()):
             keys = sorted({k.split("/")[0] + "/*" for k, _ in panels})
             rep.not_drawn[name] = f"no run logged any of its metrics ({', '.join(keys)})."
             continue
-        rep.figures[name] = plot_runs(curves, panels, path=out / FIGURE_FILES[name], cols=4)
+        if by_group:
+            rep.figures[name] = plot_groups(study_groups, panels, spread, path=out / FIGURE_FILES[name])
+        else:
+            rep.figures[name] = plot_runs(curves, panels, path=out / FIGURE_FILES[name], cols=4)
     rep.runs_info = runs_table(loaded)
     rep.coverage = coverage_table(loaded)
     rep.summary = summary_table(loaded, grouped)
-    study_groups = {g: {r.label: r.rows for r in members} for g, members in grouped.items()}
     if not any(len(m) > 1 for m in grouped.values()):
         rep.not_drawn["study"] = ("every group has a single run: name runs <case>-seed<k>, or pass groups, to see "
                                   "the mean over seeds.")

@@ -28,8 +28,10 @@ UNITS_DIR = "units"
 
 
 def single_process_config(cfg: CookbookConfig) -> CookbookConfig:
-    """The same architecture on one CPU process (TP = PP = EP = 1), as conversion sees it."""
-    moe = dataclasses.replace(cfg.moe, token_dispatcher_type="allgather")
+    """The same architecture on one CPU process (TP = PP = EP = 1), as conversion sees it. A converted checkpoint
+    always holds the routers' expert bias (the HF checkpoint's ``e_score_correction_bias``), also for a trainer built
+    without it (``moe.trainer_expert_bias=false``), which leaves it unread."""
+    moe = dataclasses.replace(cfg.moe, token_dispatcher_type="allgather", trainer_expert_bias=True)
     return dataclasses.replace(cfg, parallel=ParallelConfig(), moe=moe)
 
 

@@ -47,17 +47,26 @@ def mcore_to_hf(cfg: CookbookConfig, ckpt_dir: str | os.PathLike, out_dir: str |
                 max_shard_bytes: int = 4 << 30, part: tuple[int, int] = (0, 1), finalize: Optional[bool] = None,
                 progress: bool = True) -> Optional[Path]:
     """Export; returns the HF folder once finalized. Weights are written in ``model.params_dtype``, the
-    router's ``e_score_correction_bias`` in float32 (as in the original checkpoints)."""
+    router's ``e_score_correction_bias`` in float32 (as in the original checkpoints).
+
+    A policy trained with ``moe.trainer_expert_bias=false`` has no expert bias in its checkpoint; the rollout engine
+    sampled it with the bias it loaded, and that bias, read from ``tokenizer_dir`` (the HF checkpoint training
+    started from), is what the export writes."""
     ckpt_dir = Path(ckpt_dir)
     reader = CheckpointReader(ckpt_dir)
     sharded = meta_sharded_state_dict(cfg)
     entries = {base_name(n): e for n, e in sharded.items() if not n.endswith("._extra_state")}
     missing = [e.key for e in entries.values() if e.key not in reader.metadata.state_dict_metadata]
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt_dir
+    bias_source = None
+    if missing and not cfg.moe.trainer_expert_bias and all(k.endswith(FP32_MCORE_SUFFIXES) for k in missing):
+        from cookbook.convert.hf_io import ShardReader
+
+        bias_source, missing = ShardReader(tokenizer_dir), []
     if missing:
         raise KeyError(f"{ckpt_dir} lacks {len(missing)} tensors of preset '{cfg.model.name}', e.g. {missing[:3]}; "
                        "is it a checkpoint of this preset?")
     finalize = part[0] == 0 if finalize is None else finalize
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else ckpt_dir
     job = {"job": "mcore_to_hf", "src": str(ckpt_dir.resolve()), "preset": cfg.model.name,
            "dtype": cfg.model.params_dtype, "max_shard_bytes": max_shard_bytes, "parts": part[1]}
     staging = Staging(out_dir, job, overwrite).open()
@@ -71,6 +80,9 @@ def mcore_to_hf(cfg: CookbookConfig, ckpt_dir: str | os.PathLike, out_dir: str |
         if not staging.done(names[i]):
             tensors: dict[str, torch.Tensor] = {}
             for mp in shards[i]:
+                if bias_source is not None and mp.mcore.endswith(FP32_MCORE_SUFFIXES):  # the rollout's bias
+                    tensors[mp.hf[0]] = bias_source.get(mp.hf[0]).to(torch.float32).contiguous()
+                    continue
                 tensor = reader.read_entry(entries[mp.mcore])
                 out_dtype = torch.float32 if mp.mcore.endswith(FP32_MCORE_SUFFIXES) else dtype
                 for hf_name, t in to_hf_tensors(mp, tensor):

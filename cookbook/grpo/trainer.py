@@ -10,7 +10,7 @@ order; each call is collective over the group (``cookbook.cluster.group``). A ra
   ``grpo.num_minibatches`` updates through ``cookbook.grpo.parallel_step`` (the loss settings, the fused loss
   as a choice, the router expert-bias update), the same code for one rank and for many;
 - ``sync_weights``: HF-named weights gathered in buckets of whole layers onto rank 0, which pushes each bucket
-  to the rollout engine;
+  to the rollout engine (the routers' expert bias left out with ``parallel.sync_expert_bias=false``);
 - ``save_checkpoint`` / ``load_checkpoint``: Megatron distributed checkpoints (``cookbook.grpo.checkpoint``);
 - ``shutdown``.
 """
@@ -34,15 +34,27 @@ def trainer_model_config(cfg: CookbookConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg.model).items() if k not in ("hf_dir", "mcore_dir")}
 
 
+EXPERT_BIAS = "e_score_correction_bias"  # the routers' expert bias, by its HF name
+
+
+def kept_by_rollout(cfg: CookbookConfig) -> tuple[str, ...]:
+    """The HF weight names (last part) a weight sync leaves out, so that the rollout engine keeps what it loaded:
+    the expert bias with ``parallel.sync_expert_bias=false`` (the stability study's knob; also the case of a trainer
+    built without the bias, ``moe.trainer_expert_bias=false``, which has none to send)."""
+    return () if cfg.parallel.sync_expert_bias else (EXPERT_BIAS,)
+
+
 def rollout_tensors(bucket: dict[str, torch.Tensor], cfg: CookbookConfig) -> dict[str, torch.Tensor]:
     """A bucket in the rollout engine's dtype (bf16 on GPUs), the router's expert bias kept in fp32 as in the
-    checkpoints; on CUDA when the trainer is (a one-rank group hands over its own tensors)."""
+    checkpoints, or left out with ``parallel.sync_expert_bias=false``; on CUDA when the trainer is (a one-rank group
+    hands over its own tensors)."""
     from cookbook.megatron.model import DTYPES
     from cookbook.rollout.backends import rollout_dtype
 
     dtype = DTYPES[rollout_dtype(cfg)]
-    return {name: (t if not t.is_floating_point() or name.endswith("e_score_correction_bias") else t.to(dtype)
-                   ).contiguous() for name, t in bucket.items()}
+    left_out = kept_by_rollout(cfg)
+    return {name: (t if not t.is_floating_point() or name.endswith(EXPERT_BIAS) else t.to(dtype)).contiguous()
+            for name, t in bucket.items() if name.rsplit(".", 1)[-1] not in left_out}
 
 
 def bucket_message(bucket: dict[str, torch.Tensor]) -> "bytes | dict":
@@ -165,14 +177,16 @@ class TrainerRank:
         for bucket in iter_hf_buckets(self.model, bucket_bytes):
             if self.rank == 0:
                 bucket = rollout_tensors(bucket, self.cfg)
+                if not bucket:
+                    continue
                 size = sum(t.numel() * t.element_size() for t in bucket.values())
                 nbytes, largest, count = nbytes + size, max(largest, size), count + 1
                 t_load = time.perf_counter()
                 ray.get(rollout.load_weight_bucket.remote(bucket_message(bucket)))
                 load_s += time.perf_counter() - t_load
         t_finish = time.perf_counter()
-        if self.rank == 0:
-            ray.get(rollout.finish_weight_update.remote())
+        if self.rank == 0:  # what the sync left out on purpose may stay as the engine loaded it
+            ray.get(rollout.finish_weight_update.remote(kept_by_rollout(self.cfg)))
         end = time.perf_counter()
         seconds = end - t0
         # where the time goes: the engine loading buckets, its final checks, the rest (gather, names, casts)

@@ -7,9 +7,11 @@ plain rope with ``rotary_scaling_factor=1.0`` (MLA's softmax scale uses the YaRN
 rope); YaRN with mscale 1 / mscale_all_dim 1; sigmoid routing with the expert bias, groups and the
 routed scaling factor.
 
-The expert-bias buffer always exists, because the HF checkpoints carry ``e_score_correction_bias`` and
-routing depends on it; ``moe.router_enable_expert_bias`` decides whether the bias is *updated* during
-training (the tutorial's stability setting keeps it frozen).
+The expert-bias buffer exists (``moe.trainer_expert_bias``, true by default), because the HF checkpoints carry
+``e_score_correction_bias`` and routing depends on it; ``moe.router_enable_expert_bias`` decides whether the bias
+is *updated* during training (the tutorial's stability setting keeps it frozen). ``moe.trainer_expert_bias=false``
+is the stability study's case of a trainer built without the bias (as ChatLearn builds Moonlight and DeepSeek-V3):
+its routers choose experts from the sigmoid scores alone, and loading a checkpoint leaves its bias unread.
 """
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ def transformer_config(cfg: CookbookConfig):
         moe_router_num_groups=m.n_group if m.n_group > 1 else None,
         moe_router_group_topk=m.topk_group if m.n_group > 1 else None,
         moe_router_topk_scaling_factor=m.routed_scaling_factor,
-        moe_router_enable_expert_bias=True,  # the buffer carries e_score_correction_bias; updates below
+        # the buffer carries e_score_correction_bias (unless moe.trainer_expert_bias=false); updates below
+        moe_router_enable_expert_bias=moe.trainer_expert_bias,
         moe_router_bias_update_rate=moe.router_bias_update_rate if moe.router_enable_expert_bias else 0.0,
         moe_router_load_balancing_type=moe.router_load_balancing_type, moe_aux_loss_coeff=moe.aux_loss_coeff,
         moe_router_dtype=None if moe.router_dtype == "none" else moe.router_dtype,

@@ -25,7 +25,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -53,9 +53,16 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "grpo-cookbook"
 
 
+def _build_model_config(cfg: CookbookConfig):
+    """The architecture the build uses: ``cfg.model`` with the training dtype left out. The warm-up always runs and
+    saves in fp32 (a downloaded checkpoint does not change with the dtype one trains it in); a bf16 run casts the same
+    weights when they are converted (notebook 20) and loaded by the rollout engine."""
+    return replace(cfg.model, params_dtype="float32", hf_dir="", mcore_dir="")
+
+
 def build_key(cfg: CookbookConfig) -> str:
-    """What the cached build depends on: the architecture, the prompt suffix, the recipe."""
-    payload = json.dumps({"model": asdict(cfg.model) | {"hf_dir": "", "mcore_dir": ""}, "seed": BUILD_SEED,
+    """What the cached build depends on: the architecture (not the training dtype), the prompt suffix, the recipe."""
+    payload = json.dumps({"model": asdict(_build_model_config(cfg)), "seed": BUILD_SEED,
                           "suffix": cfg.data.prompt_suffix, "version": BUILDER_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -154,7 +161,7 @@ def build_tiny_model(cfg: CookbookConfig, cache_dir: str | Path | None = None, f
     test_rows = generate_rows(EVAL_ROWS, BUILD_SEED + 7919, "test")
     tokenizer = train_tokenizer([r["problem"] + suffix for r in rows] + [r["solution"] for r in rows],
                                 cfg.model.vocab_size)
-    hf_cfg = hf_config_dict(cfg.model, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    hf_cfg = hf_config_dict(_build_model_config(cfg), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_cfg)).float()
     params = sum(p.numel() for p in model.parameters())

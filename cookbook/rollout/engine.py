@@ -249,10 +249,11 @@ class RolloutWorker:
             self.llm.wake_up(tags=tags)
         return time.perf_counter() - t0
 
-    def finish_weight_update(self) -> None:
-        """Refuse an update that left a weight stale; redo the CPU MoE packing once for all layers; forget the
-        prefix cache (on only for vLLM's routed experts): its blocks hold the old policy's KV."""
-        self.llm.collective_rpc("cookbook_finish_update")
+    def finish_weight_update(self, kept: tuple[str, ...] = ()) -> None:
+        """Refuse an update that left a weight stale (but those named in ``kept``, left out on purpose, keep what
+        the engine loaded); redo the CPU MoE packing once for all layers; forget the prefix cache (on only for
+        vLLM's routed experts): its blocks hold the old policy's KV."""
+        self.llm.collective_rpc("cookbook_finish_update", args=(tuple(kept),))
         if self.routing == "vllm":
             self.llm.reset_prefix_cache()
 

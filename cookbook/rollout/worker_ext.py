@@ -34,9 +34,11 @@ class _ReloadWarnings(logging.Handler):
             self.weights |= set(record.args[0])
 
 
-def unexpected_unloaded(weights: set[str]) -> list[str]:
-    """The names a sync left stale that are not derived from other weights (empty for a complete sync)."""
-    return sorted(w for w in weights if w.rsplit(".", 1)[-1] not in DERIVED_WEIGHTS)
+def unexpected_unloaded(weights: set[str], kept: tuple[str, ...] = ()) -> list[str]:
+    """The names a sync left stale that are not derived from other weights (empty for a complete sync), nor left
+    out on purpose (``kept``: last parts of names, e.g. ``e_score_correction_bias`` with
+    ``parallel.sync_expert_bias=false``)."""
+    return sorted(w for w in weights if w.rsplit(".", 1)[-1] not in DERIVED_WEIGHTS + tuple(kept))
 
 
 class WeightSyncExtension:
@@ -66,10 +68,10 @@ class WeightSyncExtension:
         self._cookbook_unloaded = report.weights if previous is None else previous & report.weights
         return len(weights)
 
-    def cookbook_finish_update(self) -> None:
+    def cookbook_finish_update(self, kept: tuple[str, ...] = ()) -> None:
         from cookbook.rollout import compat
 
-        stale = unexpected_unloaded(self._cookbook_unloaded or set())
+        stale = unexpected_unloaded(self._cookbook_unloaded or set(), tuple(kept))
         if stale:
             raise RuntimeError(f"weight sync left {len(stale)} weights of the rollout engine stale: {stale[:8]}; "
                                "the trainer's HF export does not cover them (cookbook.convert.names)")

@@ -93,3 +93,29 @@ def test_weight_sync_names_reproduce_the_hf_checkpoint(converted):
     for name, tensor in got.items():
         with safe_open(src / index[name], "pt") as f:
             assert torch.equal(tensor, f.get_tensor(name)), name
+
+
+def test_trainer_without_the_expert_bias_loads_and_exports_with_the_rollouts_bias(converted):
+    """moe.trainer_expert_bias=false: the converted checkpoint (which keeps the bias) loads into routers without
+    one, and the HF export of what that trainer saves writes the source checkpoint's bias, the one the rollout
+    engine kept; every other tensor comes back bit for bit."""
+    from megatron.core import dist_checkpointing
+
+    from cookbook.convert.hf_to_mcore import load_megatron_checkpoint
+    from cookbook.convert.mcore_to_hf import mcore_to_hf
+    from cookbook.megatron.model import build_model, init_parallel
+
+    cfg, src, ckpt, root = converted
+    bias_free = load_config("tiny", ["moe.trainer_expert_bias=false", "parallel.sync_expert_bias=false"])
+    init_parallel(bias_free)
+    model = build_model(bias_free)
+    load_megatron_checkpoint(model, ckpt)
+    assert "decoder.layers.1.mlp.router.expert_bias" not in model.state_dict()
+    saved = root / "bias_free_save"
+    saved.mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(saved))
+    with pytest.raises(KeyError, match="lacks"):  # the usual export: a checkpoint without the bias is refused
+        mcore_to_hf(cfg, saved, root / "hf_refused", tokenizer_dir=src, progress=False)
+    back = mcore_to_hf(bias_free, saved, root / "hf_bias_free", tokenizer_dir=src, progress=False)
+    report = round_trip_check(src, back)
+    assert report["bit_exact"], report

@@ -24,3 +24,22 @@ def test_90_analysis_on_two_runs(tmp_path):
     assert summary[0].startswith("run,group,folder") and [line.split(",")[:2] for line in summary[1:]] == [
         ["synthetic-seed1", "synthetic"], ["synthetic-seed2", "synthetic"]]
     assert "synthetic-seed1" in executed.read_text()  # the tables name the runs
+
+
+def test_90_analysis_on_a_study_folder(tmp_path):
+    """With ``study``: each case's mean over its seeds in every figure, the case table, the CP comparison."""
+    from cookbook.analysis.examples import write_example_study
+
+    study = write_example_study(tmp_path / "study")
+    executed = run_notebook("90_analysis", {"study": str(study)}, run_name="analysis", runs_dir=str(tmp_path / "runs"),
+                            progress=False)
+    nb = json.loads(executed.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    stderr = ["".join(o["text"]) for o in outputs if o.get("name") == "stderr"]
+    assert not stderr, stderr
+    # training, mismatch, routing and study by case, and the grid's comparison (cp)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 5
+    text = executed.read_text()
+    assert "synthetic-updates" in text and "routing agreement" in text and "±" in text
+    assert {"cases.csv", "cases.md", "compare_cp.png", "study.png"} <= {p.name for p in (study / "report").iterdir()}

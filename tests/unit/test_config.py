@@ -32,6 +32,29 @@ def test_every_preset_has_the_tutorial_stability_defaults(preset):
     assert moe.router_enable_expert_bias is False and moe.router_bias_update_rate == 0
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # a trainer without the bias has none to update, and none to send
+    (["moe.trainer_expert_bias=false", "parallel.sync_expert_bias=false", "moe.router_enable_expert_bias=true",
+      "moe.router_bias_update_rate=1e-3"], "none to update"),
+    (["moe.trainer_expert_bias=false"], "parallel.sync_expert_bias=false"),
+    # leaving a frozen bias out of the sync would change nothing
+    (["parallel.sync_expert_bias=false"], "changes nothing"),
+])
+def test_expert_bias_study_knobs_must_change_something(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_expert_bias_study_knobs_accepted_where_they_act():
+    g = load_config("tiny", ["moe.trainer_expert_bias=false", "parallel.sync_expert_bias=false"])
+    assert not g.moe.trainer_expert_bias and not g.parallel.sync_expert_bias
+    h = load_config("tiny", ["parallel.sync_expert_bias=false", "moe.router_enable_expert_bias=true",
+                             "moe.router_bias_update_rate=1e-2"])
+    assert not h.parallel.sync_expert_bias and h.moe.trainer_expert_bias
+    default = load_config("tiny")
+    assert default.moe.trainer_expert_bias and default.parallel.sync_expert_bias
+
+
 def test_tiny_fits_the_vllm_cpu_mla_rule():
     m = load_config("tiny").model
     assert m.kv_lora_rank + m.qk_rope_head_dim == 576

@@ -105,3 +105,65 @@ def test_aux_loss_enters_the_gradient():
         if coeff:
             assert losses.get("seq_load_balancing_loss", 0) > 0, losses
     assert not torch.allclose(grads["none"], grads["seq_aux_loss"])
+
+
+def _routing(model, ids):
+    """The top-k expert map of every MoE router for one forward pass: {layer: bool [tokens, experts]}."""
+    maps, hooks = {}, []
+    for i, layer in enumerate(model.decoder.layers):
+        if hasattr(layer.mlp, "router"):
+            hooks.append(layer.mlp.router.register_forward_hook(
+                lambda mod, inp, out, i=i: maps.__setitem__(i, out[1].clone())))
+    with torch.no_grad():
+        forward_logits(model, ids)
+    for h in hooks:
+        h.remove()
+    return maps
+
+
+def test_trainer_without_the_expert_bias_routes_on_the_scores_alone(tmp_path):
+    """moe.trainer_expert_bias=false (the stability study's case g): the routers have no bias, a checkpoint's bias
+    is left unread, and the experts chosen are those of the bias-free scores."""
+    from megatron.core import dist_checkpointing
+
+    from cookbook.convert.hf_to_mcore import load_megatron_checkpoint
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    _, with_bias = _model()
+    router = with_bias.decoder.layers[1].mlp.router
+    free = _routing(with_bias, ids)  # the checkpoint's bias is 0 here: the scores alone decide
+    router.expert_bias.copy_(torch.tensor([10.0] + [0.0] * 7))  # a bias that forces expert 0 into every top-k
+    forced = _routing(with_bias, ids)
+    assert forced[1][:, 0].all() and not free[1][:, 0].all()
+    dist_checkpointing.save(with_bias.sharded_state_dict(), str(tmp_path))
+
+    _, without = _model("moe.trainer_expert_bias=false", "parallel.sync_expert_bias=false")
+    assert all(layer.mlp.router.expert_bias is None for layer in without.decoder.layers[1:])
+    assert not without.config.moe_router_enable_expert_bias
+    load_megatron_checkpoint(without, tmp_path)  # the saved bias is there, and left unread
+    assert torch.equal(without.decoder.layers[1].mlp.router.weight, router.weight)
+    routed = _routing(without, ids)
+    assert all(torch.equal(routed[i], free[i]) for i in free)
+    assert update_router_expert_bias(without) is False
+
+
+@pytest.mark.parametrize("sync_bias", [True, False])
+def test_weight_sync_leaves_the_expert_bias_out_when_told(sync_bias):
+    """parallel.sync_expert_bias=false (the stability study's case h): the buckets the rollout engine gets carry
+    every weight but the routers' expert bias, which the engine keeps as it loaded it."""
+    from cookbook.grpo.trainer import kept_by_rollout, rollout_tensors
+    from cookbook.megatron.parallel import iter_hf_buckets
+
+    overrides = [] if sync_bias else ["parallel.sync_expert_bias=false", "moe.router_enable_expert_bias=true",
+                                      "moe.router_bias_update_rate=1e-2"]
+    cfg, model = _model(*overrides)
+    sent = {}
+    for bucket in iter_hf_buckets(model, 1 << 20):
+        sent.update(rollout_tensors(bucket, cfg))
+    biases = sorted(n for n in sent if n.endswith("e_score_correction_bias"))
+    assert any(n.endswith("mlp.gate.weight") for n in sent) and "lm_head.weight" in sent
+    if sync_bias:
+        assert biases == [f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in (1, 2)]
+        assert all(sent[n].dtype == torch.float32 for n in biases) and kept_by_rollout(cfg) == ()
+    else:
+        assert biases == [] and kept_by_rollout(cfg) == ("e_score_correction_bias",)

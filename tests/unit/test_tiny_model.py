@@ -68,6 +68,8 @@ def test_build_key_tracks_what_the_build_depends_on():
     base = load_config("tiny")
     assert build_key(base) == build_key(load_config("tiny", ["grpo.lr=1e-3"]))
     assert build_key(base) == build_key(load_config("tiny", ["seed=1"]))  # the run seed: same starting model
+    # the training dtype: a bf16 run starts from the same fp32 build (cast when converted and loaded)
+    assert build_key(base) == build_key(load_config("tiny", ["model.params_dtype=bfloat16"]))
     assert build_key(base) != build_key(load_config("tiny", ["model.hidden_size=128"]))
 
 
