@@ -42,6 +42,21 @@ def make_random_tiny_hf(out: Path, seed: int = 0) -> Path:
     return out
 
 
+
+def make_base_and_perturbed(root: Path) -> tuple[Path, Path]:
+    """A random tiny HF checkpoint and a copy with every weight moved by N(0, 0.02): what a weight sync must carry."""
+    import torch
+    import transformers
+
+    base = make_random_tiny_hf(root / "base")
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(root / "perturbed")
+    return base, root / "perturbed"
+
 def free_port() -> int:
     """A TCP port free right now on 127.0.0.1, for a multi-process test's MASTER_PORT."""
     with socket.socket() as sock:

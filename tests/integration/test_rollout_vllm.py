@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import make_random_tiny_hf
+from helpers import make_base_and_perturbed
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("rollout_probe.py")
@@ -18,17 +17,7 @@ FP32_TOL = 1e-4  # fp32 on both sides; measured about 5e-7 with the fixes
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    import transformers
-
-    root = tmp_path_factory.mktemp("rollout")
-    base = make_random_tiny_hf(root / "base")
-    model = transformers.DeepseekV3ForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(root / "perturbed")
-    return base, root / "perturbed"
+    return make_base_and_perturbed(tmp_path_factory.mktemp("rollout"))
 
 
 def probe(dirs, fixes: str, fake_amx: bool = False) -> dict:

@@ -20,9 +20,8 @@ arithmetic elsewhere). Timing on that machine while other jobs ran: the fp32 rol
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import make_random_tiny_hf, run_probe
+from helpers import make_base_and_perturbed, run_probe
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("routing_probe.py")
@@ -32,17 +31,8 @@ REPLAY_LOGP_TOL, TRAIN_TOL = 1e-5, 1e-5
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    import transformers
-
     root = tmp_path_factory.mktemp("routing")
-    base = make_random_tiny_hf(root / "base")
-    model = transformers.DeepseekV3ForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(root / "perturbed")
-    return root, base, root / "perturbed"
+    return (root, *make_base_and_perturbed(root))
 
 
 def test_vllm_cpu_returns_the_experts_hf_routes_to_in_fp32(hf_dirs):
