@@ -9,18 +9,18 @@ from typing import Any, Optional
 from cookbook.cluster.placement import Placement, actor_options
 from cookbook.config import CookbookConfig
 
-DEATH_GRACE_S = 30.0  # how long a failed call waits to learn whether a rank died (Ray says within seconds)
+DEATH_GRACE_S = 30.0  # how long a failed call waits to learn whether a rank was lost (Ray says within seconds)
 
 
 class WorkerLost(RuntimeError):
-    """A trainer rank or the rollout engine died (its process or its node was lost): the run cannot go on."""
+    """A trainer rank or the rollout engine is gone (its process or its node was lost): the run cannot go on."""
 
 
 def lost_message(role: str, node: str, method: str, died: BaseException) -> str:
     reason = " ".join(line.strip() for line in str(died).strip().splitlines())
-    return (f"{role} on {node} died during {method} ({reason[:600]}). Its process or node was lost, so the run "
-            "stopped; checkpoints are written whole or not at all, so launching it again with the same run name "
-            "resumes from the newest one")
+    return (f"{role} on {node} was lost during {method} (Ray: {reason[:600]}). Its process or its node is gone, so "
+            "the run stopped; checkpoints are written whole or not at all, so launching it again with the same run "
+            "name resumes from the newest one")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TrainerGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run ``method`` on every rank at once; rank 0's result (the ranks agree on what they return). A rank
-        that died is named (WorkerLost) even when another rank's error, e.g. a collective broken by the death,
+        that was lost is named (WorkerLost) even when another rank's error, e.g. a collective broken by the loss,
         arrived first."""
         import ray
 
@@ -46,7 +46,8 @@ class TrainerGroup:
 
     @staticmethod
     def _dead_rank(refs: list[Any], grace: float = DEATH_GRACE_S) -> Optional[tuple[int, BaseException]]:
-        """The first rank whose actor died, as Ray reports it within ``grace`` seconds; None if none did."""
+        """The first rank whose actor died or became unreachable, as Ray reports it within ``grace`` seconds;
+        None if none did."""
         import ray
 
         deadline = time.monotonic() + grace

@@ -150,7 +150,7 @@ def test_killing_the_worker_node_ends_the_job_clearly_without_a_half_written_che
     out = outs[0].read_text()
     assert codes == [1], out
     assert not left, "Ray processes of the job outlived it"
-    assert re.search(r"WorkerLost: trainer rank 1 on node-1 \(.*\) died during \w+", out), out[-3000:]
+    assert re.search(r"WorkerLost: trainer rank 1 on node-1 \(.*\) was lost during \w+", out), out[-3000:]
     assert max(_steps(run)) < 8, "the run finished before the kill; the test proves nothing"
     # every checkpoint under its final name is whole (a save the kill interrupted is either gone, or complete when
     # every rank had written and hashed its part before the node died); anything else is a .tmp- leftover
