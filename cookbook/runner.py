@@ -347,8 +347,17 @@ def run_study(grid, study_dir: str | Path = "", only: tuple[str, ...] = (), prog
                                                    **nest_dotted(widest.overrides)})
         had_address = os.environ.get("RAY_ADDRESS")
         # the study's own Ray, which every run's notebook joins through RAY_ADDRESS; its workers import this checkout
-        with environ(checkout_env(os.environ)):
+        # (only PYTHONPATH is set and put back: Ray's start adds variables, its token among them, that the runs'
+        # kernels need to join it)
+        before = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = checkout_env(os.environ)["PYTHONPATH"]
+        try:
             _start_ray(ray_cfg, init_ray)
+        finally:
+            if before is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = before
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         try:
             t0 = time.perf_counter()
