@@ -62,7 +62,10 @@ def test_the_report_tells_the_cases_apart(study):
     # the bias the trainer lacks moves tokens to other experts: far more mismatch, far less routing agreement
     assert mismatch["g-trainer-no-bias"] > 3 * mismatch["a-defaults"]
     assert routing["g-trainer-no-bias"] < routing["a-defaults"] - 0.05
-    assert (folder / "report" / "study.png").is_file()
+    # one seed per case here: the seed-spread figure is not drawn, and the report says why (cookbook report)
+    assert not (folder / "report" / "study.png").exists()
+    assert "single run" in rep.report.not_drawn["study"]
+    assert (folder / "report" / "compare_mismatch.png").is_file()
 
 
 def test_a_second_call_resumes_with_nothing_to_run(study, capsys):
