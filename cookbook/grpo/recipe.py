@@ -77,7 +77,8 @@ def summary_tables(run_dir: str | os.PathLike):
     if cfg.grpo.eval_pass_k:
         columns[f"eval/pass@{cfg.grpo.eval_pass_k}"] = f"pass@{cfg.grpo.eval_pass_k}"
     present = {k: v for k, v in columns.items() if any(k in r for r in rows)}
-    accuracy = pd.DataFrame([{"step": r["step"], **{v: r.get(k) for k, v in present.items()}} for r in rows])
+    accuracy = pd.DataFrame([{"step": r["step"], **{v: r.get(k) for k, v in present.items()}} for r in rows],
+                            columns=["step", *present.values()])  # the columns stand with no evaluation too
     accuracy = accuracy.set_index("step")
     accuracy.columns.name = f"{cfg.grpo.reward_mode} reward"
     rows = read_metrics(run_dir)

@@ -85,3 +85,19 @@ def test_placement_over_nodes_pins_each_bundle_to_a_node():
     assert cpu.bundle_nodes == [0, 0, 1, 1, 0]  # trainer ranks in blocks over the nodes, rollout beside the driver
     gpu = plan_placement(load_config("moonlight-16b-a3b", ["parallel.num_nodes=2"]))
     assert gpu.bundle_nodes == [0] * 8 + [1] * 8  # bundle b on the node of GPU b
+
+
+def test_summary_tables_of_a_run_without_evaluations(tmp_path):
+    """grpo.eval_every=0 logs no eval rows: the accuracy table is empty, the timing table is not."""
+    import json
+
+    from cookbook.config import save_config
+    from cookbook.grpo.recipe import summary_tables
+
+    save_config(load_config("tiny", ["grpo.eval_every=0"]), tmp_path)
+    rows = [{"step": s, "time/rollout": 1.0 + s, "time/train": 2.0, "time/step": 3.0 + s} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    accuracy, timing = summary_tables(tmp_path)
+    assert accuracy.empty and accuracy.index.name == "step"
+    assert timing.loc["rollout", "mean seconds"] == pytest.approx(2.5)
+    assert timing.loc["step", "steps"] == 2
