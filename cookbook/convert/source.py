@@ -40,11 +40,14 @@ def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bo
     hf_dir = Path(hf_dir)
     steps: list[str] = []
     if needs_fp8_cast(hf_dir):
+        steps.append(f"fp8 source detected: {fp8_description(hf_dir)}")
         bf16 = hf_dir.with_name(hf_dir.name + "-BF16")
         if not (bf16 / "config.json").is_file() or overwrite:
             convert(cfg, "fp8_to_bf16", hf_dir, bf16, overwrite=overwrite, part=part, progress=progress)
             _wait_for(bf16 / "config.json")
-        steps.append(f"fp8 -> bf16: {bf16}")
+            steps.append(f"fp8 -> bf16: cast into {bf16}")
+        else:
+            steps.append(f"fp8 -> bf16: {bf16} (a complete cast from before, reused)")
         hf_dir = bf16
     if cfg.preset in FIXERS:
         steps.append(str(apply_config_fixes(hf_dir, cfg.preset)))
@@ -52,12 +55,32 @@ def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bo
     return hf_dir, steps
 
 
+def fp8_description(hf_dir: str | os.PathLike) -> str:
+    """What marks ``hf_dir`` as DeepSeek-V3's fp8 layout: its quantization_config and its block scales."""
+    from cookbook.convert.hf_io import read_index
+    from cookbook.models.hf_config import read_hf_config
+
+    q = read_hf_config(hf_dir).get("quantization_config") or {}
+    index = read_index(hf_dir)
+    scales = sum(name.endswith("_scale_inv") for name in index)
+    return (f"quantization_config {q.get('quant_method', '?')} {q.get('fmt', '?')}, blocks "
+            f"{'x'.join(str(b) for b in q.get('weight_block_size', []))}; {scales} weight_scale_inv tensors of "
+            f"{len(index)}")
+
+
 def prepare_source(cfg: CookbookConfig, overwrite: bool = False, part: Optional[tuple[int, int]] = None,
                    progress: bool = True) -> tuple[Path, list[str]]:
     """Return the preset's bf16/fp32 HF directory to convert and what was done to get it: the tiny build
-    (cached), or ``model.hf_dir`` through ``prepare_hf_dir`` (``model.hf_dir`` then names the prepared copy)."""
+    (cached); for ``tiny-deepseek-v3`` its fp8 source (cached) prepared as a DeepSeek-V3 download is; or
+    ``model.hf_dir`` through ``prepare_hf_dir`` (``model.hf_dir`` then names the prepared copy)."""
     from cookbook.models.tiny import resolve_hf_dir
 
+    if cfg.preset == "tiny-deepseek-v3" and not cfg.model.hf_dir:
+        from cookbook.models.fp8_source import build_fp8_source
+
+        fp8 = build_fp8_source(cfg, progress=progress)
+        hf_dir, steps = prepare_hf_dir(cfg, fp8, overwrite=overwrite, part=part, progress=progress)
+        return hf_dir, [f"tiny DeepSeek-V3 in DeepSeek-V3's fp8 layout (built once, cached): {fp8}"] + steps
     if not cfg.model.hf_dir:
         hf_dir = resolve_hf_dir(cfg)  # builds the tiny model; for a real preset, says where to download it
         return hf_dir, [f"tiny model (built once, cached): {hf_dir}"]
