@@ -7,6 +7,7 @@ Both are idempotent: a complete bf16 copy is reused and fixes already applied ch
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -79,8 +80,12 @@ def prepare_source(cfg: CookbookConfig, overwrite: bool = False, part: Optional[
         from cookbook.models.fp8_source import build_fp8_source
 
         fp8 = build_fp8_source(cfg, progress=progress)
+        report = json.loads((fp8 / "fp8_report.json").read_text())
         hf_dir, steps = prepare_hf_dir(cfg, fp8, overwrite=overwrite, part=part, progress=progress)
-        return hf_dir, [f"tiny DeepSeek-V3 in DeepSeek-V3's fp8 layout (built once, cached): {fp8}"] + steps
+        return hf_dir, [f"tiny DeepSeek-V3 in DeepSeek-V3's fp8 layout (built once, cached): {fp8}",
+                        f"  its fp8 blocks: {report['quantized_tensors']} projections, largest relative error "
+                        f"{report['max_relative_error']:.3f}; greedy accuracy {report['greedy_accuracy_after_fp8']:.3f} "
+                        f"after the cast, {report['greedy_accuracy_warmed_up']:.3f} before rounding to fp8"] + steps
     if not cfg.model.hf_dir:
         hf_dir = resolve_hf_dir(cfg)  # builds the tiny model; for a real preset, says where to download it
         return hf_dir, [f"tiny model (built once, cached): {hf_dir}"]

