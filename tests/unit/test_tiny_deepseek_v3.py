@@ -139,3 +139,11 @@ def test_a_run_folder_with_a_tiny_model_is_refused_for_the_fp8_preset(fp8_source
     cfg = load_config("tiny-deepseek-v3", values={"runs_dir": str(tmp_path), "run_name": "r"})
     with pytest.raises(ConfigError, match="q_lora_rank"):
         prepare_hf_dir(cfg, tiny, progress=False)
+
+
+def test_conversion_in_parts_needs_a_part(tmp_path):
+    from cookbook.convert.pipeline import convert_policy_in_parts
+
+    cfg = load_config("tiny-deepseek-v3", values={"runs_dir": str(tmp_path), "run_name": "r"})
+    with pytest.raises(ConfigError, match="at least one part"):
+        convert_policy_in_parts(cfg, 0)
