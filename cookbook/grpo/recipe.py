@@ -48,7 +48,7 @@ def check_inputs(cfg: CookbookConfig):
         {"input": "data", "where": str(data.out_dir), "state": f"{data.counts['train']} train / {data.counts['test']} test"},
         {"input": "policy (HF)", "where": str(hf_dir), "state": "ok"},
         {"input": "policy (Megatron-Core)", "where": str(mcore),
-         "state": "ready (from notebook 20)" if mcore.is_dir() else "missing: converted when training starts"},
+         "state": "ready (converted by notebook 20 or 31)" if mcore.is_dir() else "missing: converted when training starts"},
         {"input": "resume from", "where": str(resume.path) if resume.path else "-",
          "state": f"step {resume.step}" if resume.path else "fresh start"},
     ]
