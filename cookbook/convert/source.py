@@ -26,10 +26,11 @@ def _wait_for(path: Path, poll_s: float = 10.0, timeout_s: float = 24 * 3600) ->
 
 
 def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bool = False,
-                   part: Optional[tuple[int, int]] = None, progress: bool = True) -> tuple[Path, list[str]]:
+                   part: Optional[tuple[int, int]] = None, progress: bool = True,
+                   bf16_dir: Optional[str | os.PathLike] = None) -> tuple[Path, list[str]]:
     """Make ``hf_dir`` ready to convert under ``cfg``'s preset; return the directory to convert and what was done.
 
-    An fp8 checkpoint (``quantization_config`` in config.json) is cast to a bf16 copy next to it,
+    An fp8 checkpoint (``quantization_config`` in config.json) is cast to a bf16 copy, ``bf16_dir`` or next to it,
     ``<dir>-BF16`` (node 0 casts, the other parts wait; a complete copy is reused unless ``overwrite``); the
     preset's config fixes (``cookbook.models.fixes``) are applied to the directory that will be converted, the
     original config kept as a backup; then its config must match the preset.
@@ -42,7 +43,7 @@ def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bo
     steps: list[str] = []
     if needs_fp8_cast(hf_dir):
         steps.append(f"fp8 source detected: {fp8_description(hf_dir)}")
-        bf16 = hf_dir.with_name(hf_dir.name + "-BF16")
+        bf16 = Path(bf16_dir) if bf16_dir else hf_dir.with_name(hf_dir.name + "-BF16")
         if not (bf16 / "config.json").is_file() or overwrite:
             convert(cfg, "fp8_to_bf16", hf_dir, bf16, overwrite=overwrite, part=part, progress=progress)
             _wait_for(bf16 / "config.json")
@@ -54,6 +55,12 @@ def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bo
         steps.append(str(apply_config_fixes(hf_dir, cfg.preset)))
     check_hf_config(read_hf_config(hf_dir), cfg.model, str(hf_dir / "config.json"))
     return hf_dir, steps
+
+
+def tiny_bf16_dir(cfg: CookbookConfig) -> Path:
+    """Where ``tiny-deepseek-v3``'s fp8 source is cast: into the run folder (``<run>/source-bf16``), so every run
+    goes through the cast (under a second for the tiny model) while the fp8 build itself stays cached."""
+    return cfg.run_dir / "source-bf16"
 
 
 def fp8_description(hf_dir: str | os.PathLike) -> str:
@@ -81,7 +88,8 @@ def prepare_source(cfg: CookbookConfig, overwrite: bool = False, part: Optional[
 
         fp8 = build_fp8_source(cfg, progress=progress)
         report = json.loads((fp8 / "fp8_report.json").read_text())
-        hf_dir, steps = prepare_hf_dir(cfg, fp8, overwrite=overwrite, part=part, progress=progress)
+        hf_dir, steps = prepare_hf_dir(cfg, fp8, overwrite=overwrite, part=part, progress=progress,
+                                       bf16_dir=tiny_bf16_dir(cfg))
         return hf_dir, [f"tiny DeepSeek-V3 in DeepSeek-V3's fp8 layout (built once, cached): {fp8}",
                         f"  its fp8 blocks: {report['quantized_tensors']} projections, largest relative error "
                         f"{report['max_relative_error']:.3f}; greedy accuracy {report['greedy_accuracy_after_fp8']:.3f} "

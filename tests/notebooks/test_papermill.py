@@ -104,6 +104,7 @@ def test_31_grpo_deepseek_v3_on_tiny(run_dir):
     run = run_dir / "nb-deepseek-v3"
     text = out.read_text()
     assert "fp8 source detected: quantization_config fp8 e4m3, blocks 128x128" in text
+    assert (run / "source-bf16" / "config.json").is_file()  # every run casts (into its folder); the fp8 build is cached
     assert "fp8 -> bf16: cast into" in text and "part 1 of 2" in text and "part 0 of 2" in text and "finalized" in text
     assert "TP4 PP16 (3/.../2)" in text and "16 x 8 GPUs" in text  # the planner judged the reference layout
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
