@@ -153,7 +153,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     outputs = run_demo(args.preset, args.run_name, args.runs_dir or "runs",
                        tuple(args.notebooks) if args.notebooks else DEMO_NOTEBOOKS)
-    print(f"\ndemo finished; run folder: {outputs[-1].parent.parent}")
+    folders = list(dict.fromkeys(str(out.parent.parent) for out in outputs))
+    print(f"\ndemo finished; run folder{'s' if len(folders) > 1 else ''}: {', '.join(folders)}")
     for out in outputs:
         print(f"  {out}")
     return 0

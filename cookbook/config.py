@@ -23,7 +23,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PRESETS = ("tiny", "moonlight-1gpu", "moonlight-16b-a3b", "deepseek-v3-671b")
+PRESETS = ("tiny", "tiny-deepseek-v3", "moonlight-1gpu", "moonlight-16b-a3b", "deepseek-v3-671b")
+# Presets whose policy is built offline and warmed up on this machine (cookbook.models.tiny), not downloaded.
+OFFLINE_PRESETS = ("tiny", "tiny-deepseek-v3")
 
 
 class ConfigError(ValueError):
@@ -239,6 +241,31 @@ _TINY: dict[str, Any] = {
     },
 }
 
+# What makes DeepSeek-V3 differ from Moonlight, kept at the tiny size so that notebook 31 runs on a 2-core CPU: a
+# q projection through a low rank (q_lora_rank), several dense first layers (3 + 2 MoE layers, so the reference's
+# 3-first / 2-last pipeline split applies to it too), grouped routing (2 groups of 4 experts, the best one searched:
+# top-k / topk_group = 2 as DeepSeek-V3's 8 / 4, see validate),
+# routed scaling 2.5, and YaRN rope scaling whose original context (64) is shorter than the prompt + response, so
+# the scaled frequencies are used where the model runs. Its source checkpoint is fp8 block-quantised as
+# DeepSeek-V3 ships (cookbook.models.fp8_source) and goes through the cast to bf16. The GRPO settings follow the
+# DeepSeek-V3 recipe's shape (8 prompts x 32 samples scaled to 8 x 16, one update per step, no packing, eval every
+# 5 steps) at the tiny model's learning rate and lengths. Runs on one GPU with parallel.gpus_per_node=1 and
+# model.params_dtype=bfloat16 (vLLM's GPU MLA backends need bf16).
+_TINY_DEEPSEEK_V3: dict[str, Any] = {
+    "model": {"name": "tiny-deepseek-v3", "params_dtype": "float32", "hidden_size": 192, "num_layers": 5,
+              "first_k_dense_replace": 3, "ffn_hidden_size": 384, "moe_ffn_hidden_size": 96, "num_experts": 8,
+              "moe_router_topk": 2, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "q_lora_rank": 96,
+              "rope_scaling_factor": 4.0, "original_max_position_embeddings": 64, "max_position_embeddings": 256},
+    "moe": {"token_dispatcher_type": "allgather", "router_dtype": "none"},
+    "data": {"source": "generated", "num_train": 4000, "num_test": 500, "max_test_examples": 200,
+             "validation_size": 500},
+    "grpo": {
+        "steps": 10, "lr": 1e-4, "prompts_per_step": 8, "samples_per_prompt": 16, "num_minibatches": 1,
+        "micro_batch_size": 16, "max_prompt_length": 96, "max_response_length": 40,
+        "eval_every": 5, "save_every": 5,
+    },
+}
+
 _MOONLIGHT: dict[str, Any] = {
     "model": {
         "name": "moonlight-16b-a3b", "vocab_size": 163840, "hidden_size": 2048, "num_layers": 27,
@@ -310,13 +337,14 @@ _DEEPSEEK_V3: dict[str, Any] = {
 
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
+    "tiny-deepseek-v3": _TINY_DEEPSEEK_V3,
     "moonlight-1gpu": _MOONLIGHT_1GPU,
     "moonlight-16b-a3b": _MOONLIGHT,
     "deepseek-v3-671b": _DEEPSEEK_V3,
 }
 
 # The fewest GPUs each real preset needs (trainer layout divisibility; recipe-facts.md).
-MIN_GPUS = {"tiny": 0, "moonlight-1gpu": 1, "moonlight-16b-a3b": 8, "deepseek-v3-671b": 128}
+MIN_GPUS = {"tiny": 0, "tiny-deepseek-v3": 0, "moonlight-1gpu": 1, "moonlight-16b-a3b": 8, "deepseek-v3-671b": 128}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "moe.router_load_balancing_type": ("none", "aux_loss", "seq_aux_loss", "global_aux_loss"),
@@ -491,6 +519,13 @@ def validate(cfg: CookbookConfig) -> None:
              f"must divide model.num_experts ({m.num_experts})")
     _require(1 <= m.topk_group <= m.n_group, "model.topk_group", m.topk_group,
              f"must be between 1 and model.n_group ({m.n_group})")
+    # Megatron-Core scores a group by the sum of its best top-k / topk_group experts, HF DeepSeek-V3 and vLLM by its
+    # best 2: the trainer and the rollout route alike only when top-k / topk_group is 2 (DeepSeek-V3: 8 / 4).
+    # Measured: 4 groups, best 2, top-2 (a ratio of 1) put Megatron's logits 0.25 away from HF's.
+    _require(m.n_group == 1 or m.moe_router_topk // m.topk_group == 2, "model.topk_group", m.topk_group,
+             f"with model.n_group={m.n_group} > 1, model.moe_router_topk // model.topk_group must be 2 "
+             f"(model.moe_router_topk={m.moe_router_topk}): Megatron-Core scores a group by its best top-k / "
+             "topk_group experts, HF and vLLM by its best 2, so otherwise trainer and rollout route differently")
     _require(moe.aux_loss_coeff >= 0, "moe.aux_loss_coeff", moe.aux_loss_coeff, "must be >= 0")
     _require(moe.router_bias_update_rate >= 0, "moe.router_bias_update_rate", moe.router_bias_update_rate,
              "must be >= 0")
@@ -592,7 +627,7 @@ def _validate_layout(cfg: CookbookConfig) -> None:
     if p.gpus_per_node == 0 and need:
         raise ConfigError(
             f"preset '{cfg.preset}' needs GPUs (at least {need}); parallel.gpus_per_node=0 means CPU. "
-            f"Set parallel.gpus_per_node and parallel.num_nodes, or use preset 'tiny' on CPU")
+            f"Set parallel.gpus_per_node and parallel.num_nodes, or use preset 'tiny' (or 'tiny-deepseek-v3') on CPU")
     if p.gpus_per_node == 0 and p.num_nodes > world:
         raise ConfigError(
             f"parallel.num_nodes={p.num_nodes} on CPU puts at least one trainer rank on every node, but the layout has "

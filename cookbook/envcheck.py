@@ -201,7 +201,7 @@ def _disk(path: Path, need_gb: float) -> Check:
 
 
 # Disk a preset needs: HF weights + Megatron copy + checkpoints (rough, for the warning only).
-DISK_GB = {"tiny": 2, "moonlight-1gpu": 20, "moonlight-16b-a3b": 200, "deepseek-v3-671b": 4000}
+DISK_GB = {"tiny": 2, "tiny-deepseek-v3": 2, "moonlight-1gpu": 20, "moonlight-16b-a3b": 200, "deepseek-v3-671b": 4000}
 
 
 def _preset(cfg: CookbookConfig, gpu_count: int) -> Check:

@@ -21,7 +21,13 @@ from cookbook.rundir import checkout_env, project_root, resolve_from_root
 
 KERNEL_NAME = "grpo-cookbook"  # registered by env/setup_cpu.sh (and the GPU image)
 # The order `make demo` runs them in; later steps read what earlier ones wrote into the run folder.
-DEMO_NOTEBOOKS = ("00_environment", "10_data", "20_convert", "30_grpo_moonlight")
+DEMO_NOTEBOOKS = ("00_environment", "10_data", "20_convert", "30_grpo_moonlight", "31_grpo_deepseek_v3")
+# Notebook 31 runs the DeepSeek-V3 recipe, another model than the demo preset's: it runs on the preset's DeepSeek-V3
+# counterpart in a run folder of its own, <run>-deepseek-v3 (its own data, conversion, metrics); presets without
+# one skip it.
+DSV3_NOTEBOOK = "31_grpo_deepseek_v3"
+DSV3_COUNTERPART = {"tiny": "tiny-deepseek-v3", "tiny-deepseek-v3": "tiny-deepseek-v3",
+                    "deepseek-v3-671b": "deepseek-v3-671b"}
 
 
 def notebooks_dir() -> Path:
@@ -182,16 +188,33 @@ def run_notebook(
     return execute(prepare_run(notebook, parameters, params_file, run_name, runs_dir), progress=progress)
 
 
+def demo_target(notebook: str, preset: str, run_name: str) -> tuple[str, str] | None:
+    """(preset, run name) a demo runs ``notebook`` with: the demo's own, except notebook 31 (the DeepSeek-V3
+    counterpart in ``<run>-deepseek-v3``); None when the preset has no DeepSeek-V3 counterpart."""
+    if Path(notebook).stem != DSV3_NOTEBOOK:
+        return preset, run_name
+    if preset not in DSV3_COUNTERPART:
+        return None
+    return DSV3_COUNTERPART[preset], f"{run_name}-deepseek-v3"
+
+
 def run_demo(preset: str = "tiny", run_name: str = "", runs_dir: str = "runs",
              notebooks: tuple[str, ...] = DEMO_NOTEBOOKS, progress: bool = True) -> list[Path]:
-    """Run the notebook sequence into one run folder (what `make demo` does)."""
+    """Run the notebook sequence into one run folder (what `make demo` does); notebook 31 into its own
+    (``demo_target``)."""
     run_name = run_name or f"{preset}-demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    params_file = notebooks_dir() / "params" / f"{preset}.yaml"
     outputs = []
     for name in notebooks:
-        print(f"[demo] {name} ...", flush=True)
-        outputs.append(run_notebook(name, {"preset": preset}, params_file=params_file if params_file.is_file() else None,
-                                    run_name=run_name, runs_dir=runs_dir, progress=progress))
+        target = demo_target(name, preset, run_name)
+        if target is None:
+            print(f"[demo] {name} skipped: preset '{preset}' has no DeepSeek-V3 counterpart", flush=True)
+            continue
+        nb_preset, nb_run = target
+        params_file = notebooks_dir() / "params" / f"{nb_preset}.yaml"
+        print(f"[demo] {name} ({nb_preset}, runs/{nb_run}) ...", flush=True)
+        outputs.append(run_notebook(name, {"preset": nb_preset},
+                                    params_file=params_file if params_file.is_file() else None,
+                                    run_name=nb_run, runs_dir=runs_dir, progress=progress))
     return outputs
 
 

@@ -17,8 +17,8 @@ import torch
 ROOT = Path(__file__).parents[1]
 
 
-def make_random_tiny_hf(out: Path, seed: int = 0) -> Path:
-    """The tiny architecture with random weights (and a non-zero router expert bias, so routing bugs
+def make_random_tiny_hf(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
+    """The tiny architecture (or ``preset``'s, e.g. tiny-deepseek-v3) with random weights (and a non-zero router expert bias, so routing bugs
     show), a tokenizer trained on a few generated rows; seconds to build, unlike the warmed-up model."""
     import transformers
 
@@ -27,7 +27,7 @@ def make_random_tiny_hf(out: Path, seed: int = 0) -> Path:
     from cookbook.models.hf_config import hf_config_dict
     from cookbook.models.tokenizer import train_tokenizer
 
-    cfg = load_config("tiny")
+    cfg = load_config(preset)
     rows = generate_rows(300, seed)
     tok = train_tokenizer([r["problem"] for r in rows] + [r["solution"] for r in rows], cfg.model.vocab_size)
     hf_cfg = hf_config_dict(cfg.model, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
@@ -43,12 +43,12 @@ def make_random_tiny_hf(out: Path, seed: int = 0) -> Path:
 
 
 
-def make_base_and_perturbed(root: Path) -> tuple[Path, Path]:
+def make_base_and_perturbed(root: Path, preset: str = "tiny") -> tuple[Path, Path]:
     """A random tiny HF checkpoint and a copy with every weight moved by N(0, 0.02): what a weight sync must carry."""
     import torch
     import transformers
 
-    base = make_random_tiny_hf(root / "base")
+    base = make_random_tiny_hf(root / "base", preset=preset)
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(base, dtype=torch.float32)
     torch.manual_seed(1)
     with torch.no_grad():

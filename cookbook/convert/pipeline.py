@@ -14,6 +14,7 @@ Two levels, one implementation, shared by notebook 20 and the CLI:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -132,6 +133,54 @@ def convert_policy(cfg: CookbookConfig, overwrite: bool = False, progress: bool 
         source, steps = prepare_hf_dir(cfg, src, overwrite=overwrite, part=part, progress=progress)
     ckpt = convert(cfg, "hf_to_mcore", source, out or mcore_dir(cfg), overwrite=overwrite, part=part,
                    progress=progress)
+    return ConvertResult(source, steps, ckpt)
+
+
+def conversion_split(cfg: CookbookConfig, parts: int):
+    """How ``parts`` nodes of a batch job share the HF -> Megatron-Core conversion (``part=(i, parts)``): per part
+    its decoder layers (dense + MoE), the embedding or output layer it also carries, its tensors and their size in
+    bf16, so a reader sees that the work and the host memory are split by layer ranges."""
+    import pandas as pd
+
+    from cookbook.convert.hf_to_mcore import part_layers
+    from cookbook.convert.names import all_mappings, hf_shape
+
+    m = cfg.model
+    rows = []
+    for i in range(parts):
+        layers = part_layers(m.num_layers, (i, parts))
+        names = [h for mp in all_mappings(m, layers) for h in mp.hf]
+        moe = sum(layer >= m.first_k_dense_replace for layer in layers)
+        extra = (["embedding"] if layers.start == 0 else []) + (["final norm, output layer"]
+                                                                if layers.stop >= m.num_layers else [])
+        rows.append({"part (node)": i, "decoder layers": f"{layers.start}-{layers.stop - 1}" if layers else "-",
+                     "dense + MoE": f"{len(layers) - moe} + {moe}", "also": ", ".join(extra) or "-",
+                     "HF tensors": len(names),
+                     "GiB (bf16)": round(sum(math.prod(hf_shape(m, h)) for h in names) * 2 / 2**30, 3)})
+    return pd.DataFrame(rows).set_index("part (node)")
+
+
+def convert_policy_in_parts(cfg: CookbookConfig, parts: int, overwrite: bool = False,
+                            progress: bool = True) -> ConvertResult:
+    """``convert_policy`` split into ``parts`` as the nodes of a batch job split it, run here one part after another
+    (notebook 31 on one machine): the source is prepared once (the fp8 cast is node 0's job), parts ``parts-1``
+    .. 1 convert their layer ranges, part 0 its own and then finalizes. A checkpoint already converted into
+    ``model.mcore_dir`` is reused unless ``overwrite`` (a resumed run keeps the policy it started from)."""
+    from cookbook.convert.hf_to_mcore import part_layers
+    from cookbook.convert.source import prepare_source
+    from cookbook.rundir import mcore_dir
+
+    if parts < 1:
+        raise ConfigError(f"parts={parts} is not allowed: the conversion needs at least one part")
+    out = mcore_dir(cfg)
+    source, steps = prepare_source(cfg, overwrite=overwrite, part=(0, 1), progress=progress)
+    if (out / "cookbook_convert.json").is_file() and not overwrite:
+        return ConvertResult(source, steps + [f"Megatron-Core checkpoint from before, reused: {out}"], out)
+    for i in reversed(range(parts)):
+        ckpt = convert(cfg, "hf_to_mcore", source, out, overwrite=overwrite, part=(i, parts), progress=progress)
+        layers = part_layers(cfg.model.num_layers, (i, parts))
+        steps.append(f"HF -> Megatron-Core part {i} of {parts}: layers {layers.start}-{layers.stop - 1}"
+                     + (" (finalized the checkpoint)" if ckpt is not None else ""))
     return ConvertResult(source, steps, ckpt)
 
 

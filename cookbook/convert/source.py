@@ -7,6 +7,7 @@ Both are idempotent: a complete bf16 copy is reused and fixes already applied ch
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -25,10 +26,11 @@ def _wait_for(path: Path, poll_s: float = 10.0, timeout_s: float = 24 * 3600) ->
 
 
 def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bool = False,
-                   part: Optional[tuple[int, int]] = None, progress: bool = True) -> tuple[Path, list[str]]:
+                   part: Optional[tuple[int, int]] = None, progress: bool = True,
+                   bf16_dir: Optional[str | os.PathLike] = None) -> tuple[Path, list[str]]:
     """Make ``hf_dir`` ready to convert under ``cfg``'s preset; return the directory to convert and what was done.
 
-    An fp8 checkpoint (``quantization_config`` in config.json) is cast to a bf16 copy next to it,
+    An fp8 checkpoint (``quantization_config`` in config.json) is cast to a bf16 copy, ``bf16_dir`` or next to it,
     ``<dir>-BF16`` (node 0 casts, the other parts wait; a complete copy is reused unless ``overwrite``); the
     preset's config fixes (``cookbook.models.fixes``) are applied to the directory that will be converted, the
     original config kept as a backup; then its config must match the preset.
@@ -40,11 +42,14 @@ def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bo
     hf_dir = Path(hf_dir)
     steps: list[str] = []
     if needs_fp8_cast(hf_dir):
-        bf16 = hf_dir.with_name(hf_dir.name + "-BF16")
+        steps.append(f"fp8 source detected: {fp8_description(hf_dir)}")
+        bf16 = Path(bf16_dir) if bf16_dir else hf_dir.with_name(hf_dir.name + "-BF16")
         if not (bf16 / "config.json").is_file() or overwrite:
             convert(cfg, "fp8_to_bf16", hf_dir, bf16, overwrite=overwrite, part=part, progress=progress)
             _wait_for(bf16 / "config.json")
-        steps.append(f"fp8 -> bf16: {bf16}")
+            steps.append(f"fp8 -> bf16: cast into {bf16}")
+        else:
+            steps.append(f"fp8 -> bf16: {bf16} (a complete cast from before, reused)")
         hf_dir = bf16
     if cfg.preset in FIXERS:
         steps.append(str(apply_config_fixes(hf_dir, cfg.preset)))
@@ -52,12 +57,43 @@ def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bo
     return hf_dir, steps
 
 
+def tiny_bf16_dir(cfg: CookbookConfig) -> Path:
+    """Where ``tiny-deepseek-v3``'s fp8 source is cast: into the run folder (``<run>/source-bf16``), so every run
+    goes through the cast (under a second for the tiny model) while the fp8 build itself stays cached."""
+    return cfg.run_dir / "source-bf16"
+
+
+def fp8_description(hf_dir: str | os.PathLike) -> str:
+    """What marks ``hf_dir`` as DeepSeek-V3's fp8 layout: its quantization_config and its block scales."""
+    from cookbook.convert.hf_io import read_index
+    from cookbook.models.hf_config import read_hf_config
+
+    q = read_hf_config(hf_dir).get("quantization_config") or {}
+    index = read_index(hf_dir)
+    scales = sum(name.endswith("_scale_inv") for name in index)
+    return (f"quantization_config {q.get('quant_method', '?')} {q.get('fmt', '?')}, blocks "
+            f"{'x'.join(str(b) for b in q.get('weight_block_size', []))}; {scales} weight_scale_inv tensors of "
+            f"{len(index)}")
+
+
 def prepare_source(cfg: CookbookConfig, overwrite: bool = False, part: Optional[tuple[int, int]] = None,
                    progress: bool = True) -> tuple[Path, list[str]]:
     """Return the preset's bf16/fp32 HF directory to convert and what was done to get it: the tiny build
-    (cached), or ``model.hf_dir`` through ``prepare_hf_dir`` (``model.hf_dir`` then names the prepared copy)."""
+    (cached); for ``tiny-deepseek-v3`` its fp8 source (cached) prepared as a DeepSeek-V3 download is; or
+    ``model.hf_dir`` through ``prepare_hf_dir`` (``model.hf_dir`` then names the prepared copy)."""
     from cookbook.models.tiny import resolve_hf_dir
 
+    if cfg.preset == "tiny-deepseek-v3" and not cfg.model.hf_dir:
+        from cookbook.models.fp8_source import build_fp8_source
+
+        fp8 = build_fp8_source(cfg, progress=progress)
+        report = json.loads((fp8 / "fp8_report.json").read_text())
+        hf_dir, steps = prepare_hf_dir(cfg, fp8, overwrite=overwrite, part=part, progress=progress,
+                                       bf16_dir=tiny_bf16_dir(cfg))
+        return hf_dir, [f"tiny DeepSeek-V3 in DeepSeek-V3's fp8 layout (built once, cached): {fp8}",
+                        f"  its fp8 blocks: {report['quantized_tensors']} projections, largest relative error "
+                        f"{report['max_relative_error']:.3f}; greedy accuracy {report['greedy_accuracy_after_fp8']:.3f} "
+                        f"after the cast, {report['greedy_accuracy_warmed_up']:.3f} before rounding to fp8"] + steps
     if not cfg.model.hf_dir:
         hf_dir = resolve_hf_dir(cfg)  # builds the tiny model; for a real preset, says where to download it
         return hf_dir, [f"tiny model (built once, cached): {hf_dir}"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from cookbook.config import CookbookConfig
+from cookbook.config import OFFLINE_PRESETS, CookbookConfig
 from cookbook.data.preprocess import read_records
 from cookbook.data.reward import score_batch
 from cookbook.grpo.algorithm import group_advantages
@@ -69,7 +69,7 @@ def evaluate(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig, p
     scores = score_batch([s.text for s in samples], truths, mode=g.reward_mode)
     metrics = {f"{prefix}/accuracy": float(np.mean([r.score for r in scores])),
                f"{prefix}/response_length": float(np.mean([len(s.response_ids) for s in samples]))}
-    if cfg.preset == "tiny":
+    if cfg.preset in OFFLINE_PRESETS:  # the warm-up planted the habit (cookbook.models.tiny)
         from cookbook.models.tiny import habit_answer
 
         habits = score_batch([s.text for s in samples], [habit_answer(t) for t in truths], mode=g.reward_mode)

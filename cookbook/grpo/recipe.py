@@ -48,13 +48,40 @@ def check_inputs(cfg: CookbookConfig):
         {"input": "data", "where": str(data.out_dir), "state": f"{data.counts['train']} train / {data.counts['test']} test"},
         {"input": "policy (HF)", "where": str(hf_dir), "state": "ok"},
         {"input": "policy (Megatron-Core)", "where": str(mcore),
-         "state": "ready (from notebook 20)" if mcore.is_dir() else "missing: converted when training starts"},
+         "state": "ready (converted by notebook 20 or 31)" if mcore.is_dir() else "missing: converted when training starts"},
         {"input": "resume from", "where": str(resume.path) if resume.path else "-",
          "state": f"step {resume.step}" if resume.path else "fresh start"},
     ]
     rows += [{"input": "damaged checkpoint (skipped)", "where": str(path), "state": reason}
              for path, reason in resume.skipped]
     return pd.DataFrame(rows).set_index("input")
+
+
+DEEPSEEK_V3_PRESETS = ("tiny-deepseek-v3", "deepseek-v3-671b")
+# The architecture numbers in which DeepSeek-V3 differs from Moonlight (recipe-facts.md), shown side by side.
+ARCHITECTURE_KEYS = ("num_layers", "first_k_dense_replace", "num_experts", "moe_router_topk", "n_group", "topk_group",
+                     "routed_scaling_factor", "q_lora_rank", "kv_lora_rank", "rope_scaling_factor",
+                     "original_max_position_embeddings", "max_position_embeddings", "params_dtype")
+
+
+def require_deepseek_v3(cfg: CookbookConfig) -> None:
+    """Notebook 31 is the DeepSeek-V3 recipe: stop at once on another preset rather than run Moonlight's model."""
+    from cookbook.config import ConfigError
+
+    if cfg.preset not in DEEPSEEK_V3_PRESETS:
+        raise ConfigError(f"preset={cfg.preset!r}: notebook 31 runs the DeepSeek-V3 recipe; choose one of "
+                          f"{', '.join(DEEPSEEK_V3_PRESETS)} (notebook 30 runs the others)")
+
+
+def architecture_table(cfg: CookbookConfig, other: str = "moonlight-16b-a3b"):
+    """The architecture numbers where DeepSeek-V3 and Moonlight differ: this run's model next to ``other``'s."""
+    import pandas as pd
+
+    from cookbook.config import preset_config
+
+    ref = preset_config(other).model
+    return pd.DataFrame([{"key": f"model.{k}", cfg.preset: getattr(cfg.model, k), other: getattr(ref, k)}
+                         for k in ARCHITECTURE_KEYS]).set_index("key")
 
 
 EVAL_COLUMNS = {  # metric -> column, in the order shown

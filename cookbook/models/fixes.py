@@ -67,7 +67,7 @@ def _moonlight(cfg: dict, hf_dir: Path) -> list[str]:
     return changes
 
 
-FIXERS = {"deepseek-v3-671b": _deepseek_v3, "moonlight-16b-a3b": _moonlight}
+FIXERS = {"deepseek-v3-671b": _deepseek_v3, "tiny-deepseek-v3": _deepseek_v3, "moonlight-16b-a3b": _moonlight}
 
 
 def apply_config_fixes(hf_dir: str | os.PathLike, preset: str) -> FixReport:

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from cookbook.atomic import atomic_dir
-from cookbook.config import ConfigError, CookbookConfig
+from cookbook.config import OFFLINE_PRESETS, ConfigError, CookbookConfig
 from cookbook.models.hf_config import check_hf_config, hf_config_dict, read_hf_config
 
 BUILDER_VERSION = 4  # bump when the recipe below changes: it invalidates cached builds
@@ -151,7 +151,7 @@ def build_tiny_model(cfg: CookbookConfig, cache_dir: str | Path | None = None, f
     from cookbook.data.generate import generate_rows
     from cookbook.models.tokenizer import train_tokenizer
 
-    out = Path(cache_dir) if cache_dir else cache_root() / "models" / f"tiny-{build_key(cfg)}"
+    out = Path(cache_dir) if cache_dir else cache_root() / "models" / f"{cfg.preset}-{build_key(cfg)}"
     if (out / "warmup_report.json").is_file() and not force:
         return out
     t0 = time.perf_counter()
@@ -195,9 +195,15 @@ def build_tiny_model(cfg: CookbookConfig, cache_dir: str | Path | None = None, f
 
 
 def resolve_hf_dir(cfg: CookbookConfig) -> Path:
-    """The policy's HF directory: the cached tiny build, the cached synthetic checkpoint of ``moonlight-1gpu``, or
-    the user's download checked against the preset."""
-    if cfg.preset == "tiny" and not cfg.model.hf_dir:
+    """The policy's HF directory: the cached tiny build; for ``tiny-deepseek-v3`` the bf16 cast of its cached fp8
+    source (``cookbook.models.fp8_source``, cast into the run folder as a DeepSeek-V3 download is cast); the cached synthetic checkpoint of
+    ``moonlight-1gpu``; or the user's download checked against the preset."""
+    if cfg.preset == "tiny-deepseek-v3" and not cfg.model.hf_dir:
+        from cookbook.convert.source import prepare_hf_dir, tiny_bf16_dir
+        from cookbook.models.fp8_source import build_fp8_source
+
+        return prepare_hf_dir(cfg, build_fp8_source(cfg), bf16_dir=tiny_bf16_dir(cfg))[0]
+    if cfg.preset in OFFLINE_PRESETS and not cfg.model.hf_dir:
         return build_tiny_model(cfg)
     if cfg.preset == "moonlight-1gpu" and not cfg.model.hf_dir:
         from cookbook.models.synthetic import build_synthetic_model

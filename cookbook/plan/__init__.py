@@ -10,8 +10,8 @@ that fit on 80 GB and 141 GB GPUs (``cookbook plan``; notebooks 30 and 31 call `
 It imports no training or generation engine: a plan for 128 GPUs takes seconds on a laptop.
 """
 from cookbook.plan.memory import GPUS, GPU, Plan, plan_gpu, trainer_peak
-from cookbook.plan.report import check_layout, fit_summary, fit_table, plan_text, plans, stage_table
+from cookbook.plan.report import check_layout, cluster_layout, fit_summary, fit_table, plan_text, plans, stage_table
 from cookbook.plan.search import layout_label, smallest_fits
 
-__all__ = ["GPUS", "GPU", "Plan", "plan_gpu", "trainer_peak", "check_layout", "fit_summary", "fit_table", "plan_text",
+__all__ = ["GPUS", "GPU", "Plan", "plan_gpu", "trainer_peak", "check_layout", "cluster_layout", "fit_summary", "fit_table", "plan_text",
            "plans", "stage_table", "layout_label", "smallest_fits"]

@@ -143,3 +143,18 @@ def plan_text(cfg: CookbookConfig, gpus: Sequence[memory.GPU] = memory.GPUS, sea
             parts += ["", "Per pipeline stage (GiB; rollout phase only where vLLM shares the GPU):",
                       stage_table(cfg, gpus).fillna("-").to_string()]
     return "\n".join(parts + ["", fit_summary(cfg, gpus, search_layouts, host_gib, max_gpus)])
+
+
+# The recipe each CPU preset stands in for: its cluster layout is what a planner cell judges on CPU.
+CLUSTER_PRESET = {"tiny": "moonlight-16b-a3b", "tiny-deepseek-v3": "deepseek-v3-671b"}
+
+
+def cluster_layout(cfg: CookbookConfig) -> CookbookConfig:
+    """The layout a planner cell judges: ``cfg`` itself on GPUs; on CPU the reference preset of the recipe it
+    stands in for (``tiny-deepseek-v3``: ``deepseek-v3-671b``'s 128 GPUs, TP4 PP16 split 3 / ... / 2), so a
+    notebook run on a laptop still shows what the cluster run needs."""
+    from cookbook.config import load_config
+
+    if cfg.parallel.gpus_per_node or cfg.preset not in CLUSTER_PRESET:
+        return cfg
+    return load_config(CLUSTER_PRESET[cfg.preset], values={"run_name": cfg.run_name, "runs_dir": cfg.runs_dir})

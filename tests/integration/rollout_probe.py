@@ -37,9 +37,10 @@ def main(hf_dir: str, perturbed_dir: str) -> None:
         torch.cpu._is_amx_tile_supported = lambda: True
     from cookbook.rollout.backends import vllm_default_on_this_cpu
 
-    worker = RolloutWorker(hf_dir, load_config("tiny"))
+    worker = RolloutWorker(hf_dir, load_config(os.environ.get("COOKBOOK_PROBE_PRESET", "tiny")))
     prompt = worker.encode([{"role": "user", "content": "What is 3 + 4? Let's think step by step."}])
-    batch = [prompt + [300, 301, 302, 17, 25, 40, 41], prompt[:9]]
+    # the third sequence runs past 64 positions, the YaRN preset's original context (tiny-deepseek-v3)
+    batch = [prompt + [300, 301, 302, 17, 25, 40, 41], prompt[:9], (prompt * 4)[:100]]
     result = {**worker.ready(), "vllm_default": vllm_default_on_this_cpu()}
     base = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     perturbed = load_file(f"{perturbed_dir}/model.safetensors")

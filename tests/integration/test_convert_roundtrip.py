@@ -119,3 +119,18 @@ def test_trainer_without_the_expert_bias_loads_and_exports_with_the_rollouts_bia
     back = mcore_to_hf(bias_free, saved, root / "hf_bias_free", tokenizer_dir=src, progress=False)
     report = round_trip_check(src, back)
     assert report["bit_exact"], report
+
+
+def test_tiny_deepseek_v3_converts_in_two_parts_and_agrees_past_the_yarn_context(tmp_path):
+    """q_lora_rank, 3 dense layers, grouped routing and YaRN: split in two parts as two nodes would convert it,
+    bit-exact back, and Megatron's logits equal HF's on sequences longer than YaRN's original context (64)."""
+    torch.set_num_threads(1)
+    cfg = load_config("tiny-deepseek-v3")
+    src = write_random_hf_checkpoint(cfg.model, tmp_path / "hf", max_shard_bytes=1 << 20, seed=5)
+    (src / "tokenizer.json").write_text("{}")
+    assert convert(cfg, "hf_to_mcore", src, tmp_path / "mcore", part=(1, 2), progress=False) is None
+    ckpt = convert(cfg, "hf_to_mcore", src, tmp_path / "mcore", part=(0, 2), progress=False)
+    back = convert(cfg, "mcore_to_hf", ckpt, tmp_path / "back", part=(0, 1), progress=False)
+    assert round_trip_check(src, back)["bit_exact"]
+    result = compare_logits(cfg, src, ckpt, seq_len=100)
+    assert result["max_abs_diff"] < 1e-5 and result["same_argmax"] == 1.0, result

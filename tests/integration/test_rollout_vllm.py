@@ -20,8 +20,9 @@ def dirs(tmp_path_factory):
     return make_base_and_perturbed(tmp_path_factory.mktemp("rollout"))
 
 
-def probe(dirs, fixes: str, fake_amx: bool = False) -> dict:
+def probe(dirs, fixes: str, fake_amx: bool = False, preset: str = "tiny") -> dict:
     env = dict(os.environ, COOKBOOK_VLLM_CPU_FIXES=fixes, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               COOKBOOK_PROBE_PRESET=preset,
                PYTHONPATH=str(Path(__file__).parents[2]), COOKBOOK_PROBE_FAKE_AMX="1" if fake_amx else "0")
     out = subprocess.run([sys.executable, str(PROBE), str(dirs[0]), str(dirs[1])], env=env, capture_output=True,
                          text=True, timeout=600)
@@ -85,3 +86,37 @@ def test_sampling_is_reproducible_and_respects_settings(dirs):
             worker.encode([{"role": "user", "content": "word " * 400}])
     finally:
         worker.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dsv3_dirs(tmp_path_factory):
+    return make_base_and_perturbed(tmp_path_factory.mktemp("rollout-dsv3"), preset="tiny-deepseek-v3")
+
+
+def _hf_logprobs_without(hf_dir: Path, ids: list[int], **changes) -> "torch.Tensor":
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir, config=config, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x).logits.float(), -1)
+    return lp[0, :-1].gather(-1, x[0, 1:, None])[:, 0]
+
+
+def test_vllm_cpu_serves_the_tiny_deepseek_v3_architecture(dsv3_dirs):
+    """q_lora_rank, grouped routing (2 groups of 4 experts, the best one searched) and YaRN (original context 64): vllm-cpu's log-probs match
+    HF's, before and after a weight push, on sequences that run past the original context."""
+    r = probe(dsv3_dirs, "all", preset="tiny-deepseek-v3")
+    assert r["moe_layers"] == [3, 4], r  # three dense first layers
+    assert r["before"] < FP32_TOL and r["after"] < FP32_TOL, r
+    assert r["decode_before"] < FP32_TOL and r["decode_after"] < FP32_TOL, r
+    # both features change what HF computes on these weights, so an engine ignoring either could not match it
+    ids = list(range(3, 103))
+    full = _hf_logprobs_without(dsv3_dirs[0], ids)
+    assert (full - _hf_logprobs_without(dsv3_dirs[0], ids, rope_parameters={"rope_type": "default",
+                                                                            "rope_theta": 10000.0})).abs().max() > 1e-3
+    assert (full - _hf_logprobs_without(dsv3_dirs[0], ids, n_group=1, topk_group=1)).abs().max() > 1e-3

@@ -85,9 +85,32 @@ def test_30_grpo_on_tiny(run_dir, notebook):
     assert steps == [0, 1, 2, 3, 4]
     assert (run / "plots" / "training.png").is_file() and (run / "hf_export" / "config.json").is_file()
     # it started from the checkpoint notebook 20 converted (the inputs table says so before training)
-    assert "ready (from notebook 20)" in (run / "notebooks" / "30_grpo_moonlight.ipynb").read_text()
+    assert "ready (converted by notebook 20 or 31)" in (run / "notebooks" / "30_grpo_moonlight.ipynb").read_text()
     # a reader sees progress, tables and plots; what Megatron-Core, vLLM and Ray print is in <run>/logs/
     assert not _streams(out, "stderr"), _streams(out, "stderr")[:3]
     assert "IProgress not found" not in out.read_text()
     assert "not loaded from checkpoint" in (run / "logs" / "rollout.log").read_text()  # vLLM's reload, logged
     assert (run / "logs" / "trainer-0.log").is_file() and (run / "logs" / "driver.log").is_file()
+
+
+def test_31_grpo_deepseek_v3_on_tiny(run_dir):
+    """Notebook 31 on tiny-deepseek-v3 in a run folder of its own, as `make demo` runs it: the fp8 source detected
+    and cast, the conversion in two parts, the 128-GPU plan, GRPO with an evaluation at steps 0 and 5."""
+    out = run_notebook("31_grpo_deepseek_v3", {"preset": "tiny-deepseek-v3", "steps": 5, "plot_every": 5,
+                                               "overrides": {"data.max_test_examples": 40,
+                                                             "logging.wandb_mode": "disabled"}},
+                       run_name="nb-deepseek-v3", runs_dir=str(run_dir), progress=False)
+    assert out.is_file() and not _errors(out)
+    run = run_dir / "nb-deepseek-v3"
+    text = out.read_text()
+    assert "fp8 source detected: quantization_config fp8 e4m3, blocks 128x128" in text
+    assert (run / "source-bf16" / "config.json").is_file()  # every run casts (into its folder); the fp8 build is cached
+    assert "fp8 -> bf16: cast into" in text and "part 1 of 2" in text and "part 0 of 2" in text and "finalized" in text
+    assert "TP4 PP16 (3/.../2)" in text and "16 x 8 GPUs" in text  # the planner judged the reference layout
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4, 5]
+    assert [m["step"] for m in metrics if "eval/accuracy" in m] == [0, 5]  # every 5 steps, the recipe's
+    assert (run / "plots" / "training.png").is_file() and (run / "hf_export" / "config.json").is_file()
+    export = json.loads((run / "hf_export" / "config.json").read_text())
+    assert export["q_lora_rank"] and export["n_group"] == 2 and "quantization_config" not in export
+    assert not _streams(out, "stderr"), _streams(out, "stderr")[:3]

@@ -49,7 +49,7 @@ def test_convert_prepares_the_presets_fp8_source(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     bf16 = tmp_path / "DeepSeek-V3-BF16"
-    assert f"fp8 -> bf16: {bf16}" in out and "already has the tutorial's fixes" in out
+    assert f"fp8 -> bf16: cast into {bf16}" in out and "already has the tutorial's fixes" in out
     assert not any(name.endswith("_scale_inv") for name in read_index(bf16))
     config = json.loads((bf16 / "config.json").read_text())
     assert "quantization_config" not in config and config["num_nextn_predict_layers"] == 0
@@ -68,7 +68,7 @@ def test_hf_to_mcore_direction_casts_an_fp8_src(tmp_path, capsys):
                "--out", str(out_dir)])
     assert rc == 0, capsys.readouterr().err
     bf16 = tmp_path / "fp8-BF16"
-    assert f"fp8 -> bf16: {bf16}" in capsys.readouterr().out
+    assert f"fp8 -> bf16: cast into {bf16}" in capsys.readouterr().out
     assert json.loads((out_dir / "cookbook_convert.json").read_text())["source"] == str(bf16.resolve())
 
 

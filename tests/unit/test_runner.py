@@ -12,7 +12,7 @@ def test_find_notebook_by_stem_and_suggests():
 
 
 def test_every_notebook_has_the_common_parameters():
-    for name in ("00_environment",):
+    for name in ("00_environment", "31_grpo_deepseek_v3"):
         params = notebook_parameters(find_notebook(name))
         assert {"preset", "run_name", "runs_dir", "overrides"} <= set(params)
 
@@ -46,3 +46,17 @@ def test_params_file_typo_is_an_error_but_other_notebooks_keys_are_skipped(tmp_p
     broken.write_text("preset: [tiny\n")
     with pytest.raises(ConfigError, match="broken.yaml line"):
         file_parameters(nb, broken)
+
+
+def test_the_demo_runs_notebook_31_on_the_deepseek_v3_counterpart_in_its_own_folder(tmp_path):
+    from cookbook.runner import DEMO_NOTEBOOKS, demo_target, notebooks_dir, prepare_run
+
+    assert DEMO_NOTEBOOKS[-1] == "31_grpo_deepseek_v3"
+    assert demo_target("30_grpo_moonlight", "tiny", "d") == ("tiny", "d")
+    assert demo_target("31_grpo_deepseek_v3", "tiny", "d") == ("tiny-deepseek-v3", "d-deepseek-v3")
+    assert demo_target("31_grpo_deepseek_v3", "moonlight-1gpu", "d") is None  # skipped, said so
+    run = prepare_run("31_grpo_deepseek_v3", {"preset": "tiny-deepseek-v3"},
+                      params_file=notebooks_dir() / "params" / "tiny-deepseek-v3.yaml", run_name="d-deepseek-v3",
+                      runs_dir=str(tmp_path))
+    assert run.cfg.preset == "tiny-deepseek-v3" and run.cfg.run_name == "d-deepseek-v3"
+    assert run.cfg.model.q_lora_rank and run.cfg.grpo.eval_every == 5
