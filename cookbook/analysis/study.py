@@ -63,7 +63,8 @@ DEFAULT_GRID: dict[str, Any] = {
     # never updated it, and with a zero bias cases g and a would be the same run); "checkpoint" = as built
     "start_bias": "balanced",
     # what every run gets: bf16; the eval accuracy on the 500 test problems before and after training (no
-    # validation split: nothing is tuned here), no pass@k, no checkpoints but the last, no TensorBoard / wandb
+    # validation split: nothing is tuned here), no pass@k, no checkpoint and no HF export (a study's runs are
+    # compared, not continued: about 25 s of a run), no TensorBoard / wandb
     "base": {
         "model.params_dtype": "bfloat16",
         "grpo.steps": 10,
@@ -71,6 +72,7 @@ DEFAULT_GRID: dict[str, Any] = {
         "data.validation_size": 0,
         "grpo.eval_pass_k": 0,
         "grpo.save_every": 0,
+        "grpo.final_save": False,
         "logging.tensorboard": False,
         "logging.wandb_mode": "disabled",
     },
