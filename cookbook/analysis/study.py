@@ -29,6 +29,7 @@ from cookbook.analysis.metrics import Panel, Rows, plot_groups, read_metrics, se
 from cookbook.atomic import write_json, write_text
 from cookbook.config import ConfigError, load_config, nest_dotted
 from cookbook.rundir import resolve_from_root
+from cookbook.runner import CONFIG_PARAMETERS
 
 STUDY_FILE = "study.yaml"  # the grid as it ran (a study folder keeps one grid)
 MANIFEST = "study.json"  # machine, runs, their status and wall times, written by cookbook.runner.run_study
@@ -37,14 +38,6 @@ REPORT_DIR = "report"
 NOTEBOOK = "30_grpo_moonlight"
 CASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
-# Config keys that notebook 30 takes as parameters of its own (the rest go into its ``overrides``).
-NOTEBOOK_PARAMETERS = {
-    "grpo.steps": "steps",
-    "moe.router_load_balancing_type": "router_load_balancing_type",
-    "moe.aux_loss_coeff": "aux_loss_coeff",
-    "moe.router_enable_expert_bias": "router_enable_expert_bias",
-    "moe.router_bias_update_rate": "router_bias_update_rate",
-}
 
 _BIAS_UPDATES = {"moe.router_enable_expert_bias": True, "moe.router_bias_update_rate": 1e-3}
 
@@ -174,7 +167,7 @@ class RunSpec:
         (with ``shared``, the study's shared inputs: data, start model, converted checkpoint), no walk-through."""
         values = {**self.overrides, **(shared or {})}
         params: dict[str, Any] = {"preset": preset, "walkthrough": False}
-        for key, name in NOTEBOOK_PARAMETERS.items():
+        for key, name in CONFIG_PARAMETERS[NOTEBOOK].items():
             if key in values:
                 params[name] = values.pop(key)
         params["plot_every"] = max(1, int(params.get("steps") or 1))  # drawn once, at the end
