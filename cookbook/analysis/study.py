@@ -328,7 +328,8 @@ FINAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("test accuracy", "test/accuracy", "last"),
     ("KL to reference", "actor/kl", "tail"),
 )
-TABLE_COLUMNS = ("mismatch |logp diff|", "routing agreement", "eval accuracy", "eval accuracy gain", "test accuracy")
+TABLE_COLUMNS = ("mismatch |logp diff|", "routing agreement", "routing policy change", "eval accuracy",
+                 "eval accuracy gain", "test accuracy")
 
 
 def final_value(rows: Rows, key: str, how: str) -> float:
