@@ -178,6 +178,9 @@ class GRPOConfig:
     eval_pass_k: int = 0  # at the first and last evaluation: pass@1 and pass@k from k samples per problem; 0 = off
     save_every: int = 10
     keep_checkpoints: int = 2  # the newest complete checkpoints kept (an older one is the fallback if the newest is damaged)
+    # the last step's checkpoint and the HF export (hf_export/); false skips both (about 25 s of a 10-step tiny run):
+    # a study's runs are compared, never continued or served (an early stop still checkpoints, to resume)
+    final_save: bool = True
     weight_decay: float = 0.01
     # AdamW on fp32 master copies of bf16 parameters (cookbook/grpo/optimizer.py): without them most updates at
     # lr ~1e-6 round away in bf16; false = AdamW in the parameter dtype (half the optimizer memory)

@@ -108,6 +108,19 @@ def _literal(source: str) -> Any:
     return ast.literal_eval(source)
 
 
+# Config keys a notebook takes as parameters of its own (notebook 30's MoE knobs and steps; 0 / empty = the
+# preset's): checked together with ``overrides``, since the config's cross-field rules see both.
+CONFIG_PARAMETERS: dict[str, dict[str, str]] = {
+    "30_grpo_moonlight": {
+        "grpo.steps": "steps",
+        "moe.router_load_balancing_type": "router_load_balancing_type",
+        "moe.aux_loss_coeff": "aux_loss_coeff",
+        "moe.router_enable_expert_bias": "router_enable_expert_bias",
+        "moe.router_bias_update_rate": "router_bias_update_rate",
+    },
+}
+
+
 @dataclass(frozen=True)
 class PreparedRun:
     """A notebook run checked before any kernel starts: the notebook, the parameters it will get (run name and
@@ -140,7 +153,9 @@ def prepare_run(
     overrides = params.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"parameter 'overrides' must be a mapping of dotted keys to values, got {overrides!r}")
-    cfg = load_config(preset, values={"run_name": run_name, "runs_dir": str(runs_path), **nest_dotted(overrides)})
+    own = {key: params[name] for key, name in CONFIG_PARAMETERS.get(nb.stem, {}).items() if params.get(name)}
+    cfg = load_config(preset, values={"run_name": run_name, "runs_dir": str(runs_path),
+                                      **nest_dotted({**own, **overrides})})
     params.update({"run_name": run_name, "runs_dir": str(runs_path)})
     return PreparedRun(nb, params, cfg)
 

@@ -29,6 +29,7 @@ from cookbook.analysis.metrics import Panel, Rows, plot_groups, read_metrics, se
 from cookbook.atomic import write_json, write_text
 from cookbook.config import ConfigError, load_config, nest_dotted
 from cookbook.rundir import resolve_from_root
+from cookbook.runner import CONFIG_PARAMETERS
 
 STUDY_FILE = "study.yaml"  # the grid as it ran (a study folder keeps one grid)
 MANIFEST = "study.json"  # machine, runs, their status and wall times, written by cookbook.runner.run_study
@@ -37,14 +38,6 @@ REPORT_DIR = "report"
 NOTEBOOK = "30_grpo_moonlight"
 CASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
-# Config keys that notebook 30 takes as parameters of its own (the rest go into its ``overrides``).
-NOTEBOOK_PARAMETERS = {
-    "grpo.steps": "steps",
-    "moe.router_load_balancing_type": "router_load_balancing_type",
-    "moe.aux_loss_coeff": "aux_loss_coeff",
-    "moe.router_enable_expert_bias": "router_enable_expert_bias",
-    "moe.router_bias_update_rate": "router_bias_update_rate",
-}
 
 _BIAS_UPDATES = {"moe.router_enable_expert_bias": True, "moe.router_bias_update_rate": 1e-3}
 
@@ -63,7 +56,8 @@ DEFAULT_GRID: dict[str, Any] = {
     # never updated it, and with a zero bias cases g and a would be the same run); "checkpoint" = as built
     "start_bias": "balanced",
     # what every run gets: bf16; the eval accuracy on the 500 test problems before and after training (no
-    # validation split: nothing is tuned here), no pass@k, no checkpoints but the last, no TensorBoard / wandb
+    # validation split: nothing is tuned here), no pass@k, no checkpoint and no HF export (a study's runs are
+    # compared, not continued: about 25 s of a run), no TensorBoard / wandb
     "base": {
         "model.params_dtype": "bfloat16",
         "grpo.steps": 10,
@@ -71,6 +65,7 @@ DEFAULT_GRID: dict[str, Any] = {
         "data.validation_size": 0,
         "grpo.eval_pass_k": 0,
         "grpo.save_every": 0,
+        "grpo.final_save": False,
         "logging.tensorboard": False,
         "logging.wandb_mode": "disabled",
     },
@@ -172,7 +167,7 @@ class RunSpec:
         (with ``shared``, the study's shared inputs: data, start model, converted checkpoint), no walk-through."""
         values = {**self.overrides, **(shared or {})}
         params: dict[str, Any] = {"preset": preset, "walkthrough": False}
-        for key, name in NOTEBOOK_PARAMETERS.items():
+        for key, name in CONFIG_PARAMETERS[NOTEBOOK].items():
             if key in values:
                 params[name] = values.pop(key)
         params["plot_every"] = max(1, int(params.get("steps") or 1))  # drawn once, at the end
@@ -333,7 +328,8 @@ FINAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("test accuracy", "test/accuracy", "last"),
     ("KL to reference", "actor/kl", "tail"),
 )
-TABLE_COLUMNS = ("mismatch |logp diff|", "routing agreement", "eval accuracy", "eval accuracy gain", "test accuracy")
+TABLE_COLUMNS = ("mismatch |logp diff|", "routing agreement", "routing policy change", "eval accuracy",
+                 "eval accuracy gain", "test accuracy")
 
 
 def final_value(rows: Rows, key: str, how: str) -> float:

@@ -218,7 +218,8 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
         stream.load_state_dict(loop_state["prompts"])
         trainer.call("sync_weights", rollout, bucket_bytes)
         resumed = {"resume/from_step": start, "resume/skipped_damaged": len(resume.skipped)}
-    tracker = MetricsTracker(cfg, resume_step=start if resume.path is not None else None)
+    # without a checkpoint the run starts afresh: what an interrupted start logged before its first one goes
+    tracker = MetricsTracker(cfg, resume_step=start if resume.path is not None else -1)
     history: list[dict[str, Any]] = []
     try:
         if start == 0 and g.eval_every:
@@ -255,12 +256,12 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", step_s=f"{metrics['time/step']:.1f}")
             if on_step is not None:
                 on_step(step, metrics)
-            if (g.save_every and step % g.save_every == 0) or step == last:
+            if (g.save_every and step % g.save_every == 0) or (step == last and (g.final_save or last < g.steps)):
                 trainer.call("save_checkpoint", str(cfg.run_dir), step, {"prompts": stream.state_dict()},
                              g.keep_checkpoints)
         done = last
         hf_export = None
-        if done == g.steps:
+        if done == g.steps and g.final_save:
             staging = cfg.run_dir / "hf_export.mcore"
             trainer.call("save_model", str(staging))
     except BaseException as e:
@@ -272,6 +273,6 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
     finally:
         tracker.close()
         workers.shutdown()
-    if done == g.steps:
+    if done == g.steps and g.final_save:
         hf_export = export_hf(cfg, staging)
     return TrainResult(cfg.run_dir, done, hf_export, history)

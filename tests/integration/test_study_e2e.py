@@ -14,9 +14,8 @@ pytestmark = pytest.mark.slow
 
 MICRO = {
     "name": "micro", "preset": "tiny", "seeds": [1], "start_bias": "balanced",
-    "base": {"model.params_dtype": "bfloat16", "grpo.steps": 2, "grpo.eval_every": 2, "data.validation_size": 0,
-             "data.max_test_examples": 64, "grpo.eval_pass_k": 0, "grpo.save_every": 0,
-             "logging.tensorboard": False, "logging.wandb_mode": "disabled"},
+    # the default grid's base (bf16, no checkpoint, no HF export), shortened: two steps, 64 test problems
+    "base": {**S.DEFAULT_GRID["base"], "grpo.steps": 2, "grpo.eval_every": 2, "data.max_test_examples": 64},
     "cases": {
         "a-defaults": {"about": "the tutorial's settings", "overrides": {}},
         # the trainer routes without the bias the rollout engine keeps: the two disagree where the bias decides
@@ -46,6 +45,7 @@ def test_every_run_done_with_its_record(study):
         assert (folder / run / "notebooks" / "30_grpo_moonlight.ipynb").is_file()
         rows = [json.loads(line) for line in (folder / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [0, 1, 2]
+        assert not (folder / run / "checkpoints").exists() and not (folder / run / "hf_export").exists()  # final_save
     config = yaml.safe_load((folder / "g-trainer-no-bias-seed1" / "config.yaml").read_text())
     assert config["moe"]["trainer_expert_bias"] is False and config["model"]["params_dtype"] == "bfloat16"
     bias = json.loads((folder / "shared").glob("start-model-*").__next__().joinpath("expert_bias.json").read_text())

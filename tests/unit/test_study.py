@@ -54,6 +54,17 @@ def test_plan_orders_runs_and_maps_notebook_parameters():
     assert params["overrides"] == {"model.params_dtype": "bfloat16", "seed": 1, "data.processed_dir": "/d"}
 
 
+def test_every_default_run_passes_the_notebook_check(tmp_path):
+    """The runner checks notebook 30's own parameters together with its overrides, as the grid's plan does (case h's
+    unsynced bias is refused without the bias updates that come as notebook parameters)."""
+    from cookbook.runner import prepare_run
+
+    for spec in S.plan(S.load_grid()):
+        cfg = prepare_run(S.NOTEBOOK, spec.notebook_parameters("tiny"), run_name=spec.name,
+                          runs_dir=str(tmp_path)).cfg
+        assert cfg.moe.router_bias_update_rate == spec.overrides.get("moe.router_bias_update_rate", 0.0)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda g: g["cases"]["on"]["overrides"].update({"moe.router_bias_update_ratee": 1}), "did you mean"),
     (lambda g: g["cases"]["on"]["overrides"].update({"moe.router_enable_expert_bias": False}),
