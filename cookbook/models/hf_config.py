@@ -83,6 +83,22 @@ def hf_config_dict(m: ModelConfig, bos_token_id: int = 0, eos_token_id: int = 1,
     return cfg
 
 
+def _rope_problems(hf_cfg: dict[str, Any], m: ModelConfig) -> list[str]:
+    """Rope base and YaRN scaling: a checkpoint trained with other positions would load and run, only worse."""
+    rope = hf_cfg.get("rope_scaling") or hf_cfg.get("rope_parameters") or {}
+    scaled = rope.get("rope_type", rope.get("type")) not in (None, "default")
+    have = {"rope_theta": hf_cfg.get("rope_theta", rope.get("rope_theta")),
+            "rope_scaling.factor": float(rope.get("factor", 1.0)) if scaled else 1.0}
+    want = {"rope_theta": m.rope_theta, "rope_scaling.factor": m.rope_scaling_factor}
+    fields = {"rope_theta": "rope_theta", "rope_scaling.factor": "rope_scaling_factor"}
+    if scaled and m.rope_scaling_factor != 1.0:
+        have["rope_scaling.original_max_position_embeddings"] = rope.get("original_max_position_embeddings")
+        want["rope_scaling.original_max_position_embeddings"] = m.original_max_position_embeddings
+        fields["rope_scaling.original_max_position_embeddings"] = "original_max_position_embeddings"
+    return [f"{key}={have[key]!r} but the preset has model.{fields[key]}={want[key]!r}" for key in want
+            if have[key] is not None and float(have[key]) != float(want[key])]
+
+
 def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
@@ -109,6 +125,7 @@ def check_hf_config(hf_cfg: dict[str, Any], m: ModelConfig, where: str = "config
             else have == want
         if not same:
             problems.append(f"{hf_key}={have!r} but the preset has model.{field}={want!r}")
+    problems += _rope_problems(hf_cfg, m)
     if problems:
         raise ConfigError(
             f"{where} does not match preset '{m.name}':\n  " + "\n  ".join(problems)

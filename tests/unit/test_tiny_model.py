@@ -105,3 +105,22 @@ def test_the_warmed_up_model_answers_in_boxed_and_gets_some_right():
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(hf_dir)
     answers = greedy_answers(model, tok, [e["problem"] + SUFFIX for e in report["examples"]])
     assert all("\\boxed{" in a for a in answers), answers
+
+
+def test_check_hf_config_compares_rope_base_and_yarn_scaling():
+    ds = load_config("deepseek-v3-671b").model
+    hf = hf_config_dict(ds)
+    # DeepSeek-V3's own config.json writes the YaRN block in the older "type" form
+    hf["rope_scaling"] = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                          "original_max_position_embeddings": 4096, "type": "yarn"}
+    hf.pop("rope_parameters")
+    check_hf_config(hf, ds)
+    for key, value, message in (("factor", 8, r"rope_scaling.factor=8.0 but the preset has model.rope_scaling_factor"),
+                                ("original_max_position_embeddings", 2048, "original_max_position_embeddings=2048")):
+        with pytest.raises(ConfigError, match=message):
+            check_hf_config({**hf, "rope_scaling": {**hf["rope_scaling"], key: value}}, ds)
+    with pytest.raises(ConfigError, match="rope_theta=50000.0 but the preset has model.rope_theta=10000.0"):
+        check_hf_config({**hf, "rope_theta": 50000.0}, ds)
+    moonlight = load_config("moonlight-16b-a3b").model
+    with pytest.raises(ConfigError, match="rope_scaling.factor=40.0 but the preset has model.rope_scaling_factor=1.0"):
+        check_hf_config({**hf_config_dict(moonlight), "rope_scaling": hf["rope_scaling"]}, moonlight)
