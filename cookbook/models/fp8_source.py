@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from cookbook.atomic import atomic_dir, write_json
 from cookbook.config import CookbookConfig
 from cookbook.convert.fp8 import BLOCK, dequantize_fp8_blocks, is_fp8_quantized_name, quantize_fp8_blocks
-from cookbook.convert.hf_io import copy_tokenizer_files, read_index
+from cookbook.convert.hf_io import ShardReader, copy_tokenizer_files, read_index
 
 VERSION = 1  # bump when the layout below changes: it invalidates cached sources
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -112,16 +112,15 @@ def _layer_order(name: str) -> tuple[int, str]:
 def fp8_round_trip_error(src_dir: str | Path, fp8_dir: str | Path) -> dict[str, float]:
     """How far the fp8 blocks are from the weights they were made of: relative error of the dequantized
     projections (max over tensors of ||w - dq(q(w))|| / ||w||), and how many tensors were quantized."""
-    original, index = _read_all(Path(src_dir)), read_index(fp8_dir)
+    original, reader = _read_all(Path(src_dir)), ShardReader(fp8_dir)
     worst, count = 0.0, 0
-    for name, shard in index.items():
+    for name in reader.index:
         if not name.endswith("_scale_inv") or name.removesuffix("_scale_inv") not in original:
             continue
         weight = name.removesuffix("_scale_inv")
-        q = load_file(str(Path(fp8_dir) / index[weight]))[weight]
-        s = load_file(str(Path(fp8_dir) / shard))[name]
         w = original[weight].float()
-        worst = max(worst, float((dequantize_fp8_blocks(q, s, torch.float32) - w).norm() / w.norm()))
+        dq = dequantize_fp8_blocks(reader.get(weight), reader.get(name), torch.float32)
+        worst = max(worst, float((dq - w).norm() / w.norm()))
         count += 1
     return {"quantized_tensors": count, "max_relative_error": worst}
 

@@ -199,10 +199,9 @@ def resolve_hf_dir(cfg: CookbookConfig) -> Path:
     source (``cookbook.models.fp8_source``, cast into the run folder as a DeepSeek-V3 download is cast); the cached synthetic checkpoint of
     ``moonlight-1gpu``; or the user's download checked against the preset."""
     if cfg.preset == "tiny-deepseek-v3" and not cfg.model.hf_dir:
-        from cookbook.convert.source import prepare_hf_dir, tiny_bf16_dir
-        from cookbook.models.fp8_source import build_fp8_source
+        from cookbook.convert.source import prepare_source
 
-        return prepare_hf_dir(cfg, build_fp8_source(cfg), bf16_dir=tiny_bf16_dir(cfg))[0]
+        return prepare_source(cfg)[0]
     if cfg.preset in OFFLINE_PRESETS and not cfg.model.hf_dir:
         return build_tiny_model(cfg)
     if cfg.preset == "moonlight-1gpu" and not cfg.model.hf_dir:
