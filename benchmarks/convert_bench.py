@@ -1,16 +1,26 @@
 """Conversion throughput and peak host memory vs a plain copy of the same bytes on the same disk.
 
-    .venv/bin/python benchmarks/convert_bench.py [--work DIR] [--sizes tiny,dsv3-shaped]
+    .venv/bin/python benchmarks/convert_bench.py [--work DIR] [--sizes tiny,dsv3-shaped] [--parts N] [--cold]
 
-Each step runs in a fresh child process so its peak RSS (ru_maxrss) is its own (about 470 MiB of it is
-the interpreter with torch and megatron imported); HF shards are written at the same size as the source's. ``dsv3-shaped`` is a
-random-weight checkpoint with DeepSeek-V3's layer shapes (hidden 7168, 128 heads, q_lora 1536, dense FFN
-18432, experts of 2048) cut to 2 layers, 8 experts and a 16k vocabulary so that it stays under 3 GB.
+Each step runs in fresh child processes, ``--parts`` of them at once as the nodes of a batch job split it
+(``part=(i, N)``; part 0 finalizes); peak RSS is each process's own high-water mark (VmHWM: ru_maxrss would carry
+the parent's peak across fork and exec); about 470 MiB of it is the interpreter with torch and megatron imported. ``--cold`` drops the page cache before every step (needs root), so
+the copy and the conversions all read from the disk. Sizes:
+
+- ``tiny``: the tiny preset (fixed costs dominate).
+- ``dsv3-shaped``: random bf16 weights with DeepSeek-V3's layer shapes (hidden 7168, 128 heads, q_lora 1536, dense
+  FFN 18432, experts of 2048) cut to 2 layers, 8 experts and a 16k vocabulary (2.8 GB): HF -> Megatron -> HF.
+- ``dsv3-fp8-20g``: DeepSeek-V3's fp8 layout (e4m3 + 128x128 scale_inv), its real vocabulary (129280) and expert
+  count per layer cut to 192, 1 dense + 2 MoE layers: 21.6 GB in 1 GiB shards; step: the fp8 -> bf16 cast.
+- ``dsv3-bf16-20g``: the same shapes in bf16 with 1 dense + 1 MoE layer (22.6 GB, 2 GiB shards, as the cast
+  writes them): step: HF -> Megatron-Core. (The cast's 43 GB output and its conversion would not fit together on
+  an 80 GB disk, so the two steps of a DeepSeek-V3 preparation are measured on two checkpoints of at least 20 GB.)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,44 +29,65 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time, torch
-torch.set_num_threads(2)
+import json, sys, time, torch
+torch.set_num_threads(1)
 from cookbook.config import load_config
 from cookbook.convert.pipeline import convert
 def main():
     args = json.loads(sys.argv[1])
     cfg = load_config(args["preset"], overrides=args["overrides"])
     t = time.perf_counter()
-    convert(cfg, args["direction"], args["src"], args["out"], part=(0, 1), progress=False,
+    convert(cfg, args["direction"], args["src"], args["out"], part=tuple(args["part"]), progress=False,
             max_shard_bytes=args["shard_bytes"])
-    print(json.dumps({"seconds": time.perf_counter() - t,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+    print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mib": int(hwm.split()[1]) / 1024}))
 if __name__ == "__main__":
     main()
 """
 
-SIZES = {
-    "tiny": [],
-    "dsv3-shaped": ["model.vocab_size=16384", "model.hidden_size=7168", "model.num_layers=2",
-                    "model.num_attention_heads=128", "model.ffn_hidden_size=18432", "model.moe_ffn_hidden_size=2048",
-                    "model.num_experts=8", "model.moe_router_topk=2", "model.num_shared_experts=1",
-                    "model.first_k_dense_replace=1", "model.q_lora_rank=1536", "model.qk_nope_head_dim=128",
-                    "model.v_head_dim=128", "model.params_dtype=bfloat16"],
+DSV3 = ["model.hidden_size=7168", "model.num_attention_heads=128", "model.ffn_hidden_size=18432",
+        "model.moe_ffn_hidden_size=2048", "model.num_shared_experts=1", "model.first_k_dense_replace=1",
+        "model.q_lora_rank=1536", "model.qk_nope_head_dim=128", "model.v_head_dim=128", "model.params_dtype=bfloat16"]
+SIZES = {  # name: (overrides, source shard bytes, fp8 source, steps)
+    "tiny": ([], 1 << 20, False, ("hf_to_mcore", "mcore_to_hf")),
+    "dsv3-shaped": (DSV3 + ["model.vocab_size=16384", "model.num_layers=2", "model.num_experts=8",
+                            "model.moe_router_topk=2"], 512 << 20, False, ("hf_to_mcore", "mcore_to_hf")),
+    "dsv3-fp8-20g": (DSV3 + ["model.vocab_size=129280", "model.num_layers=3", "model.num_experts=192",
+                             "model.moe_router_topk=8"], 1 << 30, True, ("fp8_to_bf16",)),
+    "dsv3-bf16-20g": (DSV3 + ["model.vocab_size=129280", "model.num_layers=2", "model.num_experts=192",
+                              "model.moe_router_topk=8"], 2 << 30, False, ("hf_to_mcore",)),
 }
-SHARD_BYTES = {"tiny": 1 << 20, "dsv3-shaped": 512 << 20}
+OUTPUT = {"hf_to_mcore": "mcore", "mcore_to_hf": "back", "fp8_to_bf16": "bf16"}
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_child(preset: str, overrides: list[str], direction: str, src: Path, out: Path, shard_bytes: int) -> dict:
-    arg = json.dumps({"preset": preset, "overrides": overrides, "direction": direction, "src": str(src),
-                      "out": str(out), "shard_bytes": shard_bytes})
-    proc = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def drop_caches(cold: bool) -> None:
+    if cold:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
+def run_parts(overrides: list[str], direction: str, src: Path, out: Path, shard_bytes: int, parts: int) -> dict:
+    """The step split into ``parts`` processes running at once; wall time until the last ends (part 0, which
+    finalizes), and each process's peak RSS."""
+    procs = []
+    t = time.perf_counter()
+    for i in range(parts):
+        arg = json.dumps({"preset": "tiny", "overrides": overrides, "direction": direction, "src": str(src),
+                          "out": str(out), "shard_bytes": shard_bytes, "part": [i, parts]})
+        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, arg], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(stderr[-3000:])
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    subprocess.run(["sync"], check=False)
+    return {"seconds": time.perf_counter() - t, "peak_rss_mib": [round(r["peak_rss_mib"]) for r in results]}
 
 
 def plain_copy(src: Path, dst: Path) -> float:
@@ -68,53 +99,73 @@ def plain_copy(src: Path, dst: Path) -> float:
     return time.perf_counter() - t
 
 
-def bench(size: str, work: Path) -> list[dict]:
+def bench(size: str, work: Path, parts: int, cold: bool) -> list[dict]:
     from cookbook.config import load_config
     from cookbook.convert.synthetic import write_random_hf_checkpoint
 
-    overrides = SIZES[size]
+    overrides, shard_bytes, fp8, steps = SIZES[size]
     cfg = load_config("tiny", overrides=overrides)
-    src = write_random_hf_checkpoint(cfg.model, work / f"{size}-hf", max_shard_bytes=SHARD_BYTES[size])
+    t = time.perf_counter()
+    src = write_random_hf_checkpoint(cfg.model, work / f"{size}-hf", max_shard_bytes=shard_bytes, fp8=fp8)
+    print(f"{size}: wrote {dir_bytes(src) / 1e9:.1f} GB in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     nbytes = dir_bytes(src)
     largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
-    rows = []
+    drop_caches(cold)
     copy_s = plain_copy(src, work / f"{size}-copy")
-    rows.append({"size": size, "step": "plain copy", "gb": nbytes / 1e9, "seconds": copy_s, "peak_rss_mib": None})
     shutil.rmtree(work / f"{size}-copy")
-    steps = [("hf_to_mcore", src, work / f"{size}-mcore"), ("mcore_to_hf", work / f"{size}-mcore", work / f"{size}-back")]
-    for direction, a, b in steps:
-        result = run_child("tiny", overrides, direction, a, b, SHARD_BYTES[size])
-        rows.append({"size": size, "step": direction, "gb": nbytes / 1e9, **result})
+    rows = [{"size": size, "step": "plain copy", "parts": 1, "gb_read": nbytes / 1e9, "gb_written": nbytes / 1e9,
+             "seconds": copy_s, "peak_rss_mib": None}]
+    step_src = src
+    for direction in steps:
+        out = work / f"{size}-{OUTPUT[direction]}"
+        drop_caches(cold)
+        result = run_parts(overrides, direction, step_src, out, shard_bytes, parts)
+        rows.append({"size": size, "step": direction, "parts": parts, "gb_read": dir_bytes(step_src) / 1e9,
+                     "gb_written": dir_bytes(out) / 1e9, **result})
+        step_src = out
+    copy_gb_s = nbytes / 1e9 / copy_s
     for row in rows:
-        row["gb_per_s"] = row["gb"] / row["seconds"]
-        row["vs_copy"] = row["gb_per_s"] / (nbytes / 1e9 / copy_s)
+        row["gb_per_s"] = row["gb_read"] / row["seconds"]
+        row["vs_copy"] = row["gb_per_s"] / copy_gb_s  # per byte read, against the copy of the source
+        row["vs_copy_written"] = row["gb_written"] / row["seconds"] / copy_gb_s  # per byte written
         row["largest_shard_mib"] = largest / 2**20
-    for name in ("hf", "mcore", "back"):
+    for name in ("hf", *OUTPUT.values()):
         shutil.rmtree(work / f"{size}-{name}", ignore_errors=True)
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="", help="scratch folder on the disk to measure (default: a temp dir)")
-    parser.add_argument("--sizes", default="tiny,dsv3-shaped")
+    parser.add_argument("--sizes", default="tiny,dsv3-shaped", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--parts", type=int, default=1, help="processes per step, as the nodes of a job")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each step (root)")
+    parser.add_argument("--json", default="", help="also write the rows to this file")
     args = parser.parse_args()
+    if args.cold and os.geteuid() != 0:
+        parser.error("--cold writes /proc/sys/vm/drop_caches, which needs root; run without it")
+    unknown = [s for s in args.sizes.split(",") if s not in SIZES]
+    if unknown:
+        parser.error(f"--sizes: unknown {unknown}; choose from {', '.join(SIZES)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="convert-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         for size in args.sizes.split(","):
-            rows += bench(size, work)
+            rows += bench(size, work, args.parts, args.cold)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print("| checkpoint | step | GB | s | GB/s | vs plain copy | peak RSS MiB | largest shard MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| checkpoint | step | processes | GB read | GB written | s | GB/s read | vs plain copy (per byte read) "
+          "| (per byte written) | peak RSS MiB per process | source shard MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        rss = "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"
-        print(f"| {r['size']} | {r['step']} | {r['gb']:.3f} | {r['seconds']:.2f} | {r['gb_per_s']:.3f} | "
-              f"{r['vs_copy']:.2f}x | {rss} | {r['largest_shard_mib']:.1f} |")
-    print(json.dumps(rows))
+        rss = "-" if r["peak_rss_mib"] is None else " / ".join(str(x) for x in r["peak_rss_mib"])
+        print(f"| {r['size']} | {r['step']} | {r['parts']} | {r['gb_read']:.2f} | {r['gb_written']:.2f} | "
+              f"{r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['vs_copy']:.2f}x | {r['vs_copy_written']:.2f}x | {rss} | "
+              f"{r['largest_shard_mib']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

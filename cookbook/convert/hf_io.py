@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from safetensors import safe_open
@@ -18,6 +18,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "tiktoken.model")
 # HF tensors that carry no weights of the architecture and are skipped everywhere.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtype codes and their element sizes
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
+             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
 class CheckpointMismatch(ValueError):
@@ -54,12 +58,20 @@ class ShardReader:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(self.index[name]).get_tensor(name)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (dimension 0), read without loading the rest."""
+        return self._handle(self.index[name]).get_slice(name)[start:stop]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code ("BF16", "F8_E4M3", ...)."""
+        return self._handle(self.index[name]).get_slice(name).get_dtype()
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.index[name]).get_slice(name).get_shape())
 
     def nbytes(self, name: str) -> int:
         sl = self._handle(self.index[name]).get_slice(name)
-        dtype = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4}.get(sl.get_dtype(), 4)
+        dtype = ST_ITEMSIZE.get(sl.get_dtype(), 4)
         n = 1
         for d in sl.get_shape():
             n *= d
@@ -103,3 +115,36 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
             shutil.copy2(Path(src) / name, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def stream_safetensors(path: str | os.PathLike, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                       pieces: Callable[[str], Iterable[torch.Tensor]], metadata: Optional[dict[str, str]] = None
+                       ) -> None:
+    """Write a safetensors file tensor by tensor, each from ``pieces(name)`` (row blocks in order), so memory is
+    one piece, not the file (``safetensors.torch.save_file`` needs every tensor in memory at once). The header is
+    computed from ``layout`` (name -> dtype, shape); the file appears under ``path`` only when complete."""
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        nbytes = ST_ITEMSIZE[ST_DTYPES[dtype]] * int(torch.Size(shape).numel())
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    path = Path(path)
+    tmp = path.with_name(f".part-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, (dtype, shape) in layout.items():
+            start, stop = header[name]["data_offsets"]  # type: ignore[index]
+            written = 0
+            for piece in pieces(name):
+                if piece.dtype != dtype:
+                    raise TypeError(f"{path}: '{name}' piece has dtype {piece.dtype}, the header says {dtype}")
+                data = piece.contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                written += data.nbytes
+            if written != stop - start:
+                raise ValueError(f"{path}: '{name}' got {written} bytes, its shape {list(shape)} needs {stop - start}")
+    os.replace(tmp, path)

@@ -59,7 +59,7 @@ def convert(cfg: CookbookConfig, direction: str, src: str | os.PathLike, out: st
                            max_shard_bytes=max_shard_bytes, progress=progress)
     from cookbook.convert.fp8 import cast_fp8_to_bf16
 
-    return cast_fp8_to_bf16(src, out, overwrite=overwrite, progress=progress) if part[0] == 0 else None
+    return cast_fp8_to_bf16(src, out, overwrite=overwrite, progress=progress, part=part)
 
 
 def round_trip_check(hf_dir: str | os.PathLike, hf_back_dir: str | os.PathLike) -> dict:
@@ -163,7 +163,7 @@ def conversion_split(cfg: CookbookConfig, parts: int):
 def convert_policy_in_parts(cfg: CookbookConfig, parts: int, overwrite: bool = False,
                             progress: bool = True) -> ConvertResult:
     """``convert_policy`` split into ``parts`` as the nodes of a batch job split it, run here one part after another
-    (notebook 31 on one machine): the source is prepared once (the fp8 cast is node 0's job), parts ``parts-1``
+    (notebook 31 on one machine): the source is prepared once (here the fp8 cast in one part), parts ``parts-1``
     .. 1 convert their layer ranges, part 0 its own and then finalizes. A checkpoint already converted into
     ``model.mcore_dir`` is reused unless ``overwrite`` (a resumed run keeps the policy it started from)."""
     from cookbook.convert.hf_to_mcore import part_layers

@@ -17,7 +17,7 @@ from cookbook.config import CookbookConfig
 
 
 def _wait_for(path: Path, poll_s: float = 10.0, timeout_s: float = 24 * 3600) -> None:
-    """Other nodes of a batch job wait for node 0's output (it appears atomically, complete)."""
+    """Nodes of a batch job wait for node 0's finalized output (it appears atomically, complete)."""
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if time.monotonic() > deadline:
@@ -31,7 +31,8 @@ def prepare_hf_dir(cfg: CookbookConfig, hf_dir: str | os.PathLike, overwrite: bo
     """Make ``hf_dir`` ready to convert under ``cfg``'s preset; return the directory to convert and what was done.
 
     An fp8 checkpoint (``quantization_config`` in config.json) is cast to a bf16 copy, ``bf16_dir`` or next to it,
-    ``<dir>-BF16`` (node 0 casts, the other parts wait; a complete copy is reused unless ``overwrite``); the
+    ``<dir>-BF16`` (each part casts its share of the shards, node 0 finalizes and the others wait for it; a
+    complete copy is reused unless ``overwrite``); the
     preset's config fixes (``cookbook.models.fixes``) are applied to the directory that will be converted, the
     original config kept as a backup; then its config must match the preset.
     """

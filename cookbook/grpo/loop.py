@@ -113,6 +113,9 @@ def trainer_batch(samples: list[Any], advantages: Any) -> dict[str, Any]:
             "advantages": [float(a) for a in advantages]}
 
 
+LENGTH_QUANTILES = {"min": 0, "p10": 10, "p50": 50, "p90": 90, "max": 100}
+
+
 def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfig, step: int
                  ) -> tuple[list[Any], np.ndarray, dict[str, float]]:
     """Sample n responses per prompt and score them; returns samples, rewards and reward metrics."""
@@ -133,6 +136,9 @@ def rollout_step(rollout: Any, prompts: list[dict[str, Any]], cfg: CookbookConfi
         "reward/solve_all": float((per_prompt.min(1) == 1).mean()),
         "reward/solve_none": float((per_prompt.max(1) == 0).mean()),
         "response/length_mean": float(lengths.mean()),
+        # the distribution, not only its mean: what sequence packing and the packed attention kernels see
+        **{f"response/length_{q}": float(np.percentile(lengths, p)) for q, p in LENGTH_QUANTILES.items()},
+        "prompt/length_mean": float(np.mean([len(s.prompt_ids) for s in samples])),
         "response/tokens": int(lengths.sum()),
         "response/clip_ratio": float(np.mean([s.finish_reason == "length" for s in samples])),
         "time/reward": time.perf_counter() - t0,
