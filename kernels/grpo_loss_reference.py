@@ -35,7 +35,7 @@ class VocabShard:
     all_reduce: AllReduce
 
     @classmethod
-    def of_group(cls, group, rows: int) -> "VocabShard":
+    def of_group(cls, group: "torch.distributed.ProcessGroup", rows: int) -> "VocabShard":
         """Megatron's layout: rank r of ``group`` holds rows ``[r * rows, (r + 1) * rows)``."""
         import torch.distributed as dist
 

@@ -94,7 +94,7 @@ def hidden_states_instead_of_logits(model: torch.nn.Module) -> Iterator[_Capture
 def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, old_logp: torch.Tensor,
                       advantages: torch.Tensor, mask: torch.Tensor, *, g, normalizer: float,
                       ref_logp: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None,
-                      tp_group=None) -> A.LossOutput:
+                      tp_group: Optional[torch.distributed.ProcessGroup] = None) -> A.LossOutput:
     """The GRPO loss of one micro-batch through the fused kernel, from the final hidden states ``[B, T, H]``
     and the output weight (``hidden_states_instead_of_logits``); the other arguments and the result are those
     of ``algorithm.policy_loss`` (``[B, T-1]`` tensors aligned with ``input_ids[:, 1:]``, advantages ``[B]``),

@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from test_grpo_loss import FULL, errors, make_case, run_fused
+from test_grpo_loss import FULL, cookbook_policy_loss, errors, make_case, run_fused
 
 N, H, V_SHARD = 19, 32, 133  # 2 x 133: two 128-wide blocks with a ragged tail per shard in interpret mode
 CHUNK = 8  # three token chunks over 19 tokens
@@ -71,18 +71,13 @@ def unfused_tp(c: dict, kw: dict, rank: int) -> dict:
     ``policy_loss``; the input's TP copy sums its gradient over the group."""
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
-    from cookbook.grpo.algorithm import policy_loss
     from cookbook.megatron.parallel import parallel_state, vocab_parallel_logprobs
 
     h = c["hidden"].clone().requires_grad_()
     w = shard_of(c, rank)["weight"].clone().requires_grad_()
     logits = copy_to_tensor_model_parallel_region(h) @ w.t()
     logp, ent = vocab_parallel_logprobs(logits[None], c["targets"][None], temperature=kw["temperature"])
-    out = policy_loss(logp, c["old"][None], c["adv"][None], c["mask"][None], clip_low=kw["clip_low"],
-                      clip_high=kw["clip_high"], logratio_clamp=kw["logratio_clamp"], loss_cap=kw["loss_cap"],
-                      normalizer=kw["normalizer"], ref_logp=c["ref"][None], kl_coef=kw["kl_coef"],
-                      kl_estimator=kw["kl_estimator"], is_weights=c["isw"][None], entropy=ent,
-                      entropy_coef=kw["entropy_coef"])
+    out = cookbook_policy_loss(logp, ent, c, kw)
     out.loss.backward()
     return gathered(dict(loss=out.loss.detach(), logp=logp.detach()[0], entropy=ent.detach()[0], dh=h.grad,
                          dw=w.grad), parallel_state().get_tensor_model_parallel_group(), sum_dh=False)
