@@ -11,7 +11,7 @@ SIZE=${SIZE:-gpu}
 GPU=${GPU:-1}
 PY=${PY:-python3}
 STEPS=${STEPS:-3}
-LAYOUTS=${LAYOUTS:-dp2,tp2,ep2,pp2,tp2ep2}
+LAYOUTS=${LAYOUTS:-dp2,tp2,tp2fused,ep2,pp2,tp2ep2}  # tp2fused: the fused loss under TP=2
 WORK=${WORK:-/tmp/multi_gpu_layouts}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -33,7 +33,7 @@ step split 180 bash -c "$PY $PROBE convert-part $FLAGS --part 1 --parts 2 --thre
   RANK=0 $PY $PROBE convert-part $FLAGS --part 0 --parts 2 --threads 4; wait"
 step compare 60 "$PY" $PROBE compare-ckpt $FLAGS
 step reference 180 env CUDA_VISIBLE_DEVICES=0 "$PY" $PROBE reference $FLAGS --threads 8
-step layouts 330 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 $PROBE layouts $FLAGS --threads 8 \
+step layouts 420 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 $PROBE layouts $FLAGS --threads 8 \
   --layouts "$LAYOUTS"
 step verify 90 env CUDA_VISIBLE_DEVICES=0 "$PY" $PROBE verify $FLAGS --layout "${LAYOUTS##*,}" --threads 8
 "$PY" benchmarks/multi_gpu_summary.py "$OUT"

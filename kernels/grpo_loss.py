@@ -14,6 +14,11 @@ per-token loss cap, optional KL term (k1/k2/k3), optional importance weights, op
     computed in the forward pass (as Liger's fused linear cross-entropy does): 3 GEMMs instead of the 4 a
     recomputing backward needs. The backward only scales them by the incoming gradient and casts dW back to
     the weight's dtype. When no gradient is needed (no_grad, or nothing requires grad) only the forward runs.
+    With a tensor-parallel output layer (``vocab_shard``: this rank holds rows ``[start, start + V_local)``)
+    the forward kernel is split in two around two all-reduces per chunk: a statistics kernel (the shard's
+    online max, sum of exponentials, entropy sum and the target's logit where the shard holds it), the
+    all-reduces (max, then the rescaled sums) giving the global log-sum-exp, log-prob and entropy, and a
+    per-token loss kernel; the dlogits kernel is the same, with targets relative to the shard.
 
 ``grpo_loss_from_logits(logits [N, V], targets, ...)``
     for logits already in memory (e.g. gathered from a tensor-parallel output layer). Forward: one read of
@@ -33,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from kernels.grpo_loss_reference import (check_args, fused_linear_grpo_loss_reference,
+from kernels.grpo_loss_reference import (VocabShard, check_args, fused_linear_grpo_loss_reference,
                                          grpo_loss_from_logits_reference)
 
 try:
@@ -43,7 +48,7 @@ try:
 except ImportError:  # CPU-only installs without triton still get the reference path
     HAVE_TRITON = False
 
-__all__ = ["fused_linear_grpo_loss", "grpo_loss_from_logits"]
+__all__ = ["VocabShard", "fused_linear_grpo_loss", "grpo_loss_from_logits"]
 
 _KL_KIND = {"k1": 1, "k2": 2, "k3": 3}
 # Logits bytes per chunk in the fused-linear path when chunk_size is not given (the fp32 dW and this are the
@@ -71,14 +76,8 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 if HAVE_TRITON:
     @triton.jit
-    def _grpo_fwd_kernel(logits_ptr, stride_row, targets_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr,
-                         logp_ptr, ent_ptr, lse_ptr, g_ptr, gent_ptr, loss_ptr,
-                         V, inv_temp, ratio_lo, ratio_hi, logratio_clamp, loss_cap, inv_norm, kl_coef, entropy_coef,
-                         HAS_CLAMP: tl.constexpr, HAS_CAP: tl.constexpr, KL_KIND: tl.constexpr,
-                         HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
-        """One program per token row: online log-sum-exp + entropy over V, then the per-token loss and g."""
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
+    def _row_stats(base, V, inv_temp, BLOCK_V: tl.constexpr):
+        """Online max, sum exp(z - max) and sum exp(z - max) * z over a row's V logits z (scaled by 1/T)."""
         offs = tl.arange(0, BLOCK_V)
         m = tl.zeros([], dtype=tl.float32) - float("inf")  # running max starts at -inf
         s = tl.zeros([], dtype=tl.float32)  # sum exp(z - m)
@@ -93,13 +92,14 @@ if HAVE_TRITON:
             s = s * alpha + tl.sum(e, axis=0)
             t = t * alpha + tl.sum(e * tl.where(valid, z, 0.0), axis=0)
             m = m_new
-        lse = m + tl.log(s)
-        entropy = lse - t / s
+        return m, s, t
 
-        tgt = tl.load(targets_ptr + row)
-        tgt = tl.where((tgt >= 0) & (tgt < V), tgt, 0)
-        logp = tl.load(base + tgt).to(tl.float32) * inv_temp - lse
-
+    @triton.jit
+    def _token_loss(row, logp, entropy, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr, g_ptr, gent_ptr, loss_ptr,
+                    ratio_lo, ratio_hi, logratio_clamp, loss_cap, inv_norm, kl_coef, entropy_coef,
+                    HAS_CLAMP: tl.constexpr, HAS_CAP: tl.constexpr, KL_KIND: tl.constexpr, HAS_ISW: tl.constexpr,
+                    HAS_ENT: tl.constexpr):
+        """A token's loss and g = d loss / d logp (and the entropy bonus's g) from its log-prob and entropy."""
         old = tl.load(old_ptr + row)
         adv = tl.load(adv_ptr + row)
         keep = tl.load(mask_ptr + row) != 0
@@ -143,11 +143,58 @@ if HAVE_TRITON:
         if HAS_ENT:
             per = per - entropy_coef * entropy
             tl.store(gent_ptr + row, tl.where(keep, -entropy_coef * inv_norm, 0.0))
+        tl.store(g_ptr + row, tl.where(keep, d_per * inv_norm, 0.0))
+        tl.store(loss_ptr + row, tl.where(keep, per, 0.0))
+
+    @triton.jit
+    def _grpo_fwd_kernel(logits_ptr, stride_row, targets_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr,
+                         logp_ptr, ent_ptr, lse_ptr, g_ptr, gent_ptr, loss_ptr,
+                         V, inv_temp, ratio_lo, ratio_hi, logratio_clamp, loss_cap, inv_norm, kl_coef, entropy_coef,
+                         HAS_CLAMP: tl.constexpr, HAS_CAP: tl.constexpr, KL_KIND: tl.constexpr,
+                         HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One program per token row: online log-sum-exp + entropy over V, then the per-token loss and g."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        m, s, t = _row_stats(base, V, inv_temp, BLOCK_V)
+        lse = m + tl.log(s)
+        entropy = lse - t / s
+        tgt = tl.load(targets_ptr + row)
+        tgt = tl.where((tgt >= 0) & (tgt < V), tgt, 0)
+        logp = tl.load(base + tgt).to(tl.float32) * inv_temp - lse
         tl.store(logp_ptr + row, logp)
         tl.store(ent_ptr + row, entropy)
         tl.store(lse_ptr + row, lse)
-        tl.store(g_ptr + row, tl.where(keep, d_per * inv_norm, 0.0))
-        tl.store(loss_ptr + row, tl.where(keep, per, 0.0))
+        _token_loss(row, logp, entropy, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr, g_ptr, gent_ptr, loss_ptr,
+                    ratio_lo, ratio_hi, logratio_clamp, loss_cap, inv_norm, kl_coef, entropy_coef,
+                    HAS_CLAMP, HAS_CAP, KL_KIND, HAS_ISW, HAS_ENT)
+
+    @triton.jit
+    def _grpo_shard_stats_kernel(logits_ptr, stride_row, targets_ptr, stats_ptr, n, V, inv_temp,
+                                 BLOCK_V: tl.constexpr):
+        """Vocabulary-parallel forward, before the all-reduce: one program per row of this rank's logit columns
+        writes (max, sum exp(z - max), sum exp(z - max) * z, the target's z or 0 where another rank holds it)
+        to ``stats[0..3, row]``; ``targets`` are relative to the shard (-1: not here)."""
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        m, s, t = _row_stats(base, V, inv_temp, BLOCK_V)
+        tgt = tl.load(targets_ptr + row)
+        owned = (tgt >= 0) & (tgt < V)
+        z_tgt = tl.load(base + tl.where(owned, tgt, 0)).to(tl.float32) * inv_temp
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + n + row, s)
+        tl.store(stats_ptr + 2 * n + row, t)
+        tl.store(stats_ptr + 3 * n + row, tl.where(owned, z_tgt, 0.0))
+
+    @triton.jit
+    def _grpo_token_loss_kernel(logp_ptr, ent_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr, g_ptr, gent_ptr,
+                                loss_ptr, ratio_lo, ratio_hi, logratio_clamp, loss_cap, inv_norm, kl_coef,
+                                entropy_coef, HAS_CLAMP: tl.constexpr, HAS_CAP: tl.constexpr, KL_KIND: tl.constexpr,
+                                HAS_ISW: tl.constexpr, HAS_ENT: tl.constexpr):
+        """Vocabulary-parallel forward, after the all-reduce: one program per token, from its log-prob and entropy."""
+        row = tl.program_id(0).to(tl.int64)
+        _token_loss(row, tl.load(logp_ptr + row), tl.load(ent_ptr + row), old_ptr, adv_ptr, mask_ptr, ref_ptr,
+                    isw_ptr, g_ptr, gent_ptr, loss_ptr, ratio_lo, ratio_hi, logratio_clamp, loss_cap, inv_norm,
+                    kl_coef, entropy_coef, HAS_CLAMP, HAS_CAP, KL_KIND, HAS_ISW, HAS_ENT)
 
     @triton.jit
     def _grpo_dlogits_kernel(logits_ptr, stride_row, out_ptr, stride_out, targets_ptr, lse_ptr, g_ptr, ent_ptr,
@@ -196,7 +243,8 @@ class _Cfg:
     """The scalar settings of one call, validated once."""
 
     def __init__(self, n, targets, old_logp, advantages, mask, ref_logp, is_weights, *, temperature, clip_low,
-                 clip_high, logratio_clamp, loss_cap, normalizer, kl_coef, kl_estimator, entropy_coef, aggregation):
+                 clip_high, logratio_clamp, loss_cap, normalizer, kl_coef, kl_estimator, entropy_coef, aggregation,
+                 vocab_shard: Optional[VocabShard] = None):
         check_args(n, targets, old_logp, advantages, mask, ref_logp, is_weights, temperature=temperature,
                    normalizer=normalizer, kl_coef=kl_coef, kl_estimator=kl_estimator, aggregation=aggregation,
                    entropy_coef=entropy_coef)
@@ -210,6 +258,7 @@ class _Cfg:
         self.kl_coef = float(kl_coef)
         self.kl_kind = _KL_KIND[kl_estimator] if kl_coef else 0
         self.entropy_coef = float(entropy_coef)
+        self.shard = vocab_shard
 
 
 def _prep_token_inputs(device, targets, old_logp, advantages, mask, ref_logp, is_weights, cfg: _Cfg):
@@ -226,23 +275,55 @@ def _prep_token_inputs(device, targets, old_logp, advantages, mask, ref_logp, is
     return tok
 
 
+def _loss_settings(tok: dict, cfg: _Cfg) -> tuple[tuple, dict]:
+    """The per-token loss's scalar arguments and compile-time flags (``_token_loss``)."""
+    scalars = (cfg.ratio_lo, cfg.ratio_hi, 0.0 if cfg.logratio_clamp is None else float(cfg.logratio_clamp),
+               0.0 if cfg.loss_cap is None else float(cfg.loss_cap), 1.0 / cfg.normalizer, cfg.kl_coef,
+               cfg.entropy_coef)
+    flags = dict(HAS_CLAMP=cfg.logratio_clamp is not None, HAS_CAP=cfg.loss_cap is not None, KL_KIND=cfg.kl_kind,
+                 HAS_ISW=tok["has_isw"], HAS_ENT=bool(cfg.entropy_coef))
+    return scalars, flags
+
+
 def _launch_fwd(logits: torch.Tensor, tok: dict, cfg: _Cfg, out: dict, r0: int, r1: int) -> None:
-    """Row statistics and per-token loss for rows [r0, r1) of the token arrays; ``logits`` holds those rows."""
+    """Row statistics and per-token loss for rows [r0, r1) of the token arrays; ``logits`` holds those rows (all
+    of the vocabulary, or with ``cfg.shard`` this rank's columns: statistics, all-reduce, then the loss)."""
     n, V = logits.shape
     if n == 0:
         return
     sl = slice(r0, r1)
-    _grpo_fwd_kernel[(n,)](
-        logits, logits.stride(0), tok["targets"][sl], tok["old"][sl], tok["adv"][sl], tok["mask"][sl],
-        tok["ref"][sl], tok["isw"][sl],
-        out["logp"][sl], out["entropy"][sl], out["lse"][sl], out["g"][sl], out["gent"][sl], out["loss_tok"][sl],
-        V, cfg.inv_temp, cfg.ratio_lo, cfg.ratio_hi,
-        0.0 if cfg.logratio_clamp is None else float(cfg.logratio_clamp),
-        0.0 if cfg.loss_cap is None else float(cfg.loss_cap),
-        1.0 / cfg.normalizer, cfg.kl_coef, cfg.entropy_coef,
-        HAS_CLAMP=cfg.logratio_clamp is not None, HAS_CAP=cfg.loss_cap is not None, KL_KIND=cfg.kl_kind,
-        HAS_ISW=tok["has_isw"], HAS_ENT=bool(cfg.entropy_coef), BLOCK_V=_block_v(V, "fwd"),
-        num_warps=_warps("fwd"))
+    scalars, flags = _loss_settings(tok, cfg)
+    token_in = [tok[k][sl] for k in ("old", "adv", "mask", "ref", "isw")]
+    token_out = [out[k][sl] for k in ("g", "gent", "loss_tok")]
+    if cfg.shard is None:
+        _grpo_fwd_kernel[(n,)](
+            logits, logits.stride(0), tok["targets"][sl], *token_in,
+            out["logp"][sl], out["entropy"][sl], out["lse"][sl], *token_out, V, cfg.inv_temp, *scalars, **flags,
+            BLOCK_V=_block_v(V, "fwd"), num_warps=_warps("fwd"))
+        return
+    stats = torch.empty(4, n, device=logits.device, dtype=torch.float32)
+    _grpo_shard_stats_kernel[(n,)](logits, logits.stride(0), tok["targets"][sl], stats, n, V, cfg.inv_temp,
+                                   BLOCK_V=_block_v(V, "fwd"), num_warps=_warps("fwd"))
+    _combine_shard_stats(stats, cfg.shard, out, sl)
+    _grpo_token_loss_kernel[(n,)](out["logp"][sl], out["entropy"][sl], *token_in, *token_out, *scalars, **flags,
+                                  num_warps=1)
+
+
+def _combine_shard_stats(stats: torch.Tensor, shard: VocabShard, out: dict, sl: slice) -> None:
+    """Log-sum-exp, entropy and target log-prob over the whole vocabulary from every shard's
+    ``(max, sum exp(z - max), sum exp(z - max) * z, target z)``: two all-reduces (the max, then the sums
+    rescaled to it); the results are the same on every rank."""
+    m, s, t = stats[0], stats[1], stats[2]
+    top = m.clone()
+    shard.all_reduce(top, "max")
+    rescale = torch.exp(m - top)
+    s.mul_(rescale)
+    t.mul_(rescale)
+    shard.all_reduce(stats[1:], "sum")
+    lse = top + s.log()
+    out["lse"][sl] = lse
+    out["entropy"][sl] = lse - t / s
+    out["logp"][sl] = stats[3] - lse
 
 
 def _launch_dlogits(logits: torch.Tensor, dlogits: torch.Tensor, tok: dict, cfg: _Cfg, out: dict,
@@ -434,17 +515,25 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            normalizer: float, ref_logp: Optional[torch.Tensor] = None, kl_coef: float = 0.0,
                            kl_estimator: str = "k3", is_weights: Optional[torch.Tensor] = None,
                            entropy_coef: float = 0.0, aggregation: str = "token_mean",
-                           chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           chunk_size: Optional[int] = None, vocab_shard: Optional[VocabShard] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GRPO loss from hidden states ``[N, H]`` and the output layer's weight ``[V, H]``, no ``[N, V]`` logits.
 
     Returns ``(loss, logp [N] fp32, entropy [N] fp32)``; ``loss.backward()`` fills the gradients of
     ``hidden`` and ``weight`` (computed during the forward; dW accumulated in fp32, cast to the weight's
     dtype). The logits are ``hidden @ weight.T`` rounded to the input dtype (as an unfused bf16 output layer
     gives them), then everything is fp32. ``chunk_size``: token rows per chunk (default: ~1 GiB of logits).
+
+    Tensor-parallel output layer (``vocab_shard``, e.g. ``VocabShard.of_group(tp_group, weight.shape[0])``):
+    ``weight`` is this rank's rows of the vocabulary and ``hidden`` the same on every rank of the group; each
+    chunk's row statistics are all-reduced over the group (two small all-reduces per chunk), so loss, logp and
+    entropy are the same on every rank. ``weight``'s gradient is this rank's shard; ``hidden``'s is this shard's
+    part, which the caller sums over the group (as ColumnParallelLinear's backward does for its input).
     """
     kw = dict(temperature=temperature, clip_low=clip_low, clip_high=clip_high, logratio_clamp=logratio_clamp,
               loss_cap=loss_cap, normalizer=normalizer, ref_logp=ref_logp, kl_coef=kl_coef,
-              kl_estimator=kl_estimator, is_weights=is_weights, entropy_coef=entropy_coef, aggregation=aggregation)
+              kl_estimator=kl_estimator, is_weights=is_weights, entropy_coef=entropy_coef, aggregation=aggregation,
+              vocab_shard=vocab_shard)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}: expected [N, H] and [V, H]")
     if not _use_triton(hidden):
@@ -456,6 +545,8 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     cfg = _Cfg(hidden.shape[0], targets, old_logp, advantages, mask, ref_logp, is_weights,
                **{k: v for k, v in kw.items() if k not in ("ref_logp", "is_weights")})
     tok = _prep_token_inputs(hidden.device, targets, old_logp, advantages, mask, ref_logp, is_weights, cfg)
+    if vocab_shard is not None:  # the shard's own columns; -1 (no one-hot) where another rank holds the target
+        tok["targets"] = vocab_shard.local_targets(tok["targets"], weight.shape[0])
     hidden_c, weight_c = _row_major(hidden), _row_major(weight)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearGRPO.apply(hidden_c, weight_c, tok, cfg, chunk_size)

@@ -8,6 +8,11 @@ needs about 2 GiB (BENCHMARKS.md). Megatron's GPTModel applies its output layer 
 this on the last pipeline stage when the switch is on); the kernel then does the output projection,
 log-probs, entropy, loss and both gradients. The metrics are the same as the
 unfused path's (``algorithm.policy_loss`` run on the kernel's detached log-probs).
+
+Under tensor parallelism the output layer holds ``vocab / TP`` rows of the weight on each rank: the kernel
+all-reduces each chunk's row statistics over the TP group (``kernels.grpo_loss.VocabShard``), and the captured
+hidden states go through what ColumnParallelLinear does to its input (the sequence all-gather under sequence
+parallelism, the TP copy otherwise), so the input's gradient is summed over the TP ranks as in the unfused layer.
 """
 from __future__ import annotations
 
@@ -35,9 +40,6 @@ def fused_loss_enabled(cfg: CookbookConfig) -> bool:
     if g.loss_aggregation != "token_mean":
         raise ConfigError(f"grpo.loss_aggregation={g.loss_aggregation!r} with grpo.use_fused_kernels=true: the "
                           "fused loss supports only 'token_mean'; set one of the two differently")
-    if cfg.parallel.tensor > 1:
-        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} with grpo.use_fused_kernels=true: the fused "
-                          "loss needs the whole vocabulary on one rank (tensor=1); set use_fused_kernels=false")
     return True
 
 
@@ -58,16 +60,29 @@ class _Captured:
     weight: Optional[torch.Tensor] = None
 
 
+def _output_layer_input(layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+    """The output layer's input as ColumnParallelLinear prepares it for its matmul: all-gathered over the
+    sequence under sequence parallelism (backward: reduce-scatter), else copied into the TP region (backward:
+    all-reduce; nothing at TP 1). The kernel's hidden-state gradient is one vocabulary shard's part; these
+    backward passes sum it over the TP ranks, as they do for the unfused layer."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
+
+    if layer.sequence_parallel:
+        return gather_from_sequence_parallel_region(input_, group=layer.tp_group)
+    return copy_to_tensor_model_parallel_region(input_, group=layer.tp_group)
+
+
 @contextlib.contextmanager
 def hidden_states_instead_of_logits(model: torch.nn.Module) -> Iterator[_Captured]:
-    """Inside the block, ``model(...)`` returns the final hidden states ``[b, s, hidden]`` instead of the
-    logits, and the output layer's weight (its own, or the tied embedding) is captured for the kernel."""
+    """Inside the block, ``model(...)`` returns the final hidden states ``[b, s, hidden]`` (the whole sequence,
+    also under sequence parallelism) instead of the logits, and the output layer's weight (its own, or the tied
+    embedding; under TP this rank's vocabulary rows) is captured for the kernel."""
     layer = model.output_layer
     captured = _Captured()
 
     def passthrough(input_, weight=None, runtime_gather_output=None):
         captured.weight = layer.weight if weight is None else weight
-        return input_, None
+        return _output_layer_input(layer, input_), None
 
     layer.forward = passthrough
     try:
@@ -78,13 +93,14 @@ def hidden_states_instead_of_logits(model: torch.nn.Module) -> Iterator[_Capture
 
 def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, old_logp: torch.Tensor,
                       advantages: torch.Tensor, mask: torch.Tensor, *, g, normalizer: float,
-                      ref_logp: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None
-                      ) -> A.LossOutput:
+                      ref_logp: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None,
+                      tp_group: Optional[torch.distributed.ProcessGroup] = None) -> A.LossOutput:
     """The GRPO loss of one micro-batch through the fused kernel, from the final hidden states ``[B, T, H]``
     and the output weight (``hidden_states_instead_of_logits``); the other arguments and the result are those
     of ``algorithm.policy_loss`` (``[B, T-1]`` tensors aligned with ``input_ids[:, 1:]``, advantages ``[B]``),
-    with ``g`` the ``GRPOConfig``."""
-    from kernels.grpo_loss import fused_linear_grpo_loss
+    with ``g`` the ``GRPOConfig``. ``tp_group``: the tensor-parallel group over which the output layer splits
+    the vocabulary (``weight`` is then this rank's rows), or None for the whole vocabulary here."""
+    from kernels.grpo_loss import VocabShard, fused_linear_grpo_loss
 
     refuse_unfused_options(g)
     tokens = hidden[:, :-1]
@@ -95,10 +111,11 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: tor
         return None if t is None else t.reshape(-1).to(hidden.device)
 
     settings = A.loss_settings(g)
+    shard = VocabShard.of_group(tp_group, weight.shape[0]) if tp_group is not None and tp_group.size() > 1 else None
     loss, logp, entropy = fused_linear_grpo_loss(
         tokens.reshape(-1, tokens.shape[-1]), weight, flat(input_ids[:, 1:]), flat(old_logp),
         flat(per_token_adv), flat(mask), temperature=g.temperature, normalizer=normalizer,
-        ref_logp=flat(ref_logp), is_weights=flat(is_weights), **settings)
+        ref_logp=flat(ref_logp), is_weights=flat(is_weights), vocab_shard=shard, **settings)
     with torch.no_grad():  # the metrics of the unfused path, from the kernel's log-probs
         logp, entropy = logp.view_as(old_logp).to(old_logp.device), entropy.view_as(old_logp).to(old_logp.device)
         metrics = A.policy_loss(logp, old_logp, advantages, mask, normalizer=normalizer, ref_logp=ref_logp,

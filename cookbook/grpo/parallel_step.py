@@ -262,7 +262,8 @@ def _grpo_loss(g: GRPOConfig, normalizer: float, mb: dict, weight: Optional[torc
         from cookbook.grpo.fused_loss import fused_policy_loss
 
         out = fused_policy_loss(output, weight, mb["input_ids"], mb["old_logp"], mb["advantages"], mb["mask"], g=g,
-                                normalizer=normalizer, ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"))
+                                normalizer=normalizer, ref_logp=mb.get("ref_logp"), is_weights=mb.get("is_weights"),
+                                tp_group=P.parallel_state().get_tensor_model_parallel_group())
     elif g.policy_loss == "gspo":
         logp, entropy = _score(mb, output, g.temperature)
         out = A.gspo_loss(logp, mb["old_logp"], mb["advantages"], mb["mask"], normalizer=normalizer,
@@ -305,7 +306,8 @@ def _packed_fused_loss(g: GRPOConfig, normalizer: float, mb: dict, weight: torch
     targets = mb["targets"][0].unsqueeze(1).expand(-1, 2)
     return fused_policy_loss(rows, weight, targets, column(mb["old_logp"]), mb["advantages"][0], column(mb["mask"]),
                              g=g, normalizer=normalizer, ref_logp=column(mb.get("ref_logp")),
-                             is_weights=column(mb.get("is_weights")))
+                             is_weights=column(mb.get("is_weights")),
+                             tp_group=P.parallel_state().get_tensor_model_parallel_group())
 
 
 def _reduce_metrics(store: list[dict], device: torch.device) -> dict[str, float]:

@@ -125,7 +125,8 @@ def dispatch_bytes(cfg: CookbookConfig, mb: MicroBatch) -> float:
 def logits_bytes(cfg: CookbookConfig, mb: MicroBatch, fused: bool = False) -> float:
     """The last stage's log-prob computation at its peak: ``a + 20`` bytes per ``[token, vocab / TP]`` logit
     (``cookbook.megatron.parallel.vocab_parallel_logprobs``); the fused loss holds one chunk of logits and an
-    fp32 gradient of the output weight instead."""
+    fp32 gradient of the output weight instead (under TP both of the rank's ``vocab / TP`` share: the kernel is
+    vocabulary-parallel)."""
     m = cfg.model
     a, vocab = DTYPE_BYTES[m.params_dtype], m.vocab_size / cfg.parallel.tensor
     if fused:

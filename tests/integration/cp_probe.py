@@ -32,6 +32,7 @@ from parallel_probe import build, diff_stats, max_abs  # noqa: E402
 LAYOUTS = {  # name -> (tensor, pipeline, context, expert, expert_tensor); world 2 unless said
     "one": (1, 1, 1, 1, 1), "tp2": (2, 1, 1, 1, 1), "dp2": (1, 1, 1, 1, 1), "ep2": (1, 1, 1, 2, 1),
     "pp2": (1, 2, 1, 1, 1), "cp2": (1, 1, 2, 1, 1), "cp2ep2": (1, 1, 2, 2, 1),
+    "tp2fused": (2, 1, 1, 1, 1),  # the fused loss (vocabulary-parallel kernel; on CPU its torch reference)
     "moonlight": (2, 2, 2, 2, 2),  # the Moonlight reference's layout, 8 processes
 }
 MAX_TOKENS, ROWS_PER_MICRO = 48, 2
@@ -121,8 +122,9 @@ def shift_targets_after_the_split() -> None:
 
 
 # -- the step ------------------------------------------------------------------------------------------
-def packed_step(cfg, model, batch) -> dict:
-    """Old log-probs, one optimizer step on the packed batch (gradients kept), log-probs after it."""
+def packed_step(cfg, model, batch, fused: bool = False) -> dict:
+    """Old log-probs, one optimizer step on the packed batch (gradients kept; ``fused``: the loss through the
+    fused kernel), log-probs after it."""
     from cookbook.grpo import algorithm as A
     from cookbook.grpo.parallel_step import forward_logprobs, packed_layout, train_minibatch
     from cookbook.megatron.parallel import gather_full_tensors
@@ -137,7 +139,7 @@ def packed_step(cfg, model, batch) -> dict:
     noise = torch.randn(old.shape, generator=gen)
     b = dataclasses.replace(batch, old_logp=old - 0.05 * noise.abs(), ref_logp=old + 0.1 * noise,
                             is_weights=A.tis_weights(old, old + 0.05 * noise, batch.mask, 2.0))
-    metrics = train_minibatch(model, opt, b, g,
+    metrics = train_minibatch(model, opt, b, g, fused=fused,
                               after_backward=lambda: rec.__setitem__("grads", gather_full_tensors(model, grads=True)))
     rec["new_logp"] = forward_logprobs(model, batch, micro_batch_size=g.micro_batch_size, temperature=g.temperature)
     rec.update(old_logp=old, metrics=metrics, step_s=time.perf_counter() - t0)
@@ -207,7 +209,7 @@ def layouts(args) -> dict:
             nudge_router_bias(model, args.nudge_router_bias)
         res = {"layout": {k: v for k, v in layout().items() if k != "rank" and not k.endswith("_rank")}}
         res["layout"]["cp"] = cfg.parallel.context
-        rec = packed_step(cfg, model, batch)
+        rec = packed_step(cfg, model, batch, fused=name.endswith("fused"))
         margins = [None] * world
         dist.all_gather_object(margins, min(MARGINS) if MARGINS else float("inf"))
         if rank == 0:
@@ -281,7 +283,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=tuple(MODES))
     parser.add_argument("--out", default="")
-    parser.add_argument("--layouts", default="tp2,dp2,ep2,pp2,cp2,cp2ep2")
+    parser.add_argument("--layouts", default="tp2,dp2,ep2,pp2,cp2,cp2ep2,tp2fused")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=16)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 LAYOUTS = {  # name -> (tensor, expert, pipeline)
     "dp2": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 2, 1), "pp2": (1, 1, 2), "tp2ep2": (2, 2, 1),
+    "tp2fused": (2, 1, 1),  # the fused loss (vocabulary-parallel kernel) against the unfused single process
 }
 SIZES = {  # model / batch overrides of the tiny preset
     "tiny": {"model": {}, "batch": 8, "prompt": (4, 9), "response": (4, 14), "micro": 2, "lr": 1e-3},
@@ -96,8 +97,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def parallel_steps(cfg, model, batch, steps: int) -> dict:
-    """The same steps through ``cookbook.grpo.parallel_step`` (any layout); times each step."""
+def parallel_steps(cfg, model, batch, steps: int, fused: bool = False) -> dict:
+    """The same steps through ``cookbook.grpo.parallel_step`` (any layout; ``fused``: the loss through the
+    fused kernel, on CPU its torch reference); times each step."""
     from cookbook.grpo import algorithm as A
     from cookbook.grpo.parallel_step import forward_logprobs, train_minibatch
     from cookbook.megatron.parallel import gather_full_tensors
@@ -118,7 +120,7 @@ def parallel_steps(cfg, model, batch, steps: int) -> dict:
         for i, mb in enumerate(A.split_minibatches(len(batch), g.num_minibatches, seed=cfg.seed + step)):
             hook = (lambda: rec.__setitem__("grads", gather_full_tensors(model, grads=True))) \
                 if step == 0 and i == 0 else None
-            m = train_minibatch(model, opt, b.rows(mb), g, after_backward=hook)
+            m = train_minibatch(model, opt, b.rows(mb), g, fused=fused, after_backward=hook)
             rec["loss"].append(m["loss"])
             rec["grad_norm"].append(m["grad_norm"])
         _sync()
@@ -287,7 +289,7 @@ def layouts(args) -> dict:
         if rank == 0:
             res["load_bit_exact"] = set(loaded) == set(hf_tensors) and all(
                 torch.equal(loaded[k], hf_tensors[k].to(loaded[k].dtype)) for k in hf_tensors)
-        rec = parallel_steps(cfg, model, batch, args.steps)
+        rec = parallel_steps(cfg, model, batch, args.steps, fused=name.endswith("fused"))
         peaks = [None] * world
         dist.all_gather_object(peaks, peak_memory_gib())
         t0 = time.perf_counter()

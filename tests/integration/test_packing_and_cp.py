@@ -12,6 +12,7 @@ Tolerances (fp32, router in fp32; measured 2026-12-02 on the 2-core AMD EPYC, 16
   pp2      0          0        0        0          0          0
   cp2      9.5e-7     1.2e-8   6.1e-8   3.7e-9     7.4e-7     4.8e-6
   cp2ep2   9.5e-7     9.8e-9   7.6e-8   9.3e-9     7.3e-7     4.8e-6
+  tp2fused 9.5e-7     0        1.7e-7   4.6e-8     9.8e-7     4.3e-6   (the fused loss, vocabulary-parallel)
 
 (log-probs: max over every scored token, p99.9 within a factor 1.2 of it, none over 1e-3; gradients: per tensor,
 relative to its largest element; grad norm relative.) A layout changes only the order of sums (TP shards, the
@@ -51,7 +52,7 @@ from helpers import run_probe
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("cp_probe.py")
-LAYOUTS = ("tp2", "dp2", "ep2", "pp2", "cp2", "cp2ep2")
+LAYOUTS = ("tp2", "dp2", "ep2", "pp2", "cp2", "cp2ep2", "tp2fused")
 FORWARD_TOL, GRAD_TOL, AFTER_STEP_TOL = 1e-5, 1e-4, 1e-4
 ROUTER_MARGIN = 1e-5  # no token's top-k choice is closer than this: no layout can flip an expert (see above)
 

@@ -23,7 +23,7 @@ from helpers import ROOT, run_probe
 
 pytestmark = pytest.mark.slow
 PROBE = Path(__file__).with_name("parallel_probe.py")
-LAYOUTS = ("tp2", "ep2", "pp2", "tp2ep2")
+LAYOUTS = ("tp2", "tp2fused", "ep2", "pp2", "tp2ep2")  # tp2fused: the fused loss; tp2ep2 last (its checkpoint is verified)
 FORWARD_TOL, GRAD_TOL, AFTER_STEPS_TOL, SYNC_TOL = 1e-5, 1e-4, 1e-4, 1e-5
 
 

@@ -79,18 +79,24 @@ def errors(a: dict, b: dict) -> dict:
     return {k: rel(a[k], b[k]) for k in a if k in b}
 
 
+def cookbook_policy_loss(logp, ent, c, kw):
+    """The cookbook's ``policy_loss`` of ``[1, N]`` log-probs and entropies with the case's token arrays."""
+    from cookbook.grpo.algorithm import policy_loss
+    return policy_loss(logp, c["old"][None], c["adv"][None], c["mask"][None], clip_low=kw["clip_low"],
+                       clip_high=kw["clip_high"], logratio_clamp=kw["logratio_clamp"], loss_cap=kw["loss_cap"],
+                       normalizer=kw["normalizer"], aggregation="token_mean", ref_logp=c["ref"][None],
+                       kl_coef=kw["kl_coef"], kl_estimator=kw["kl_estimator"], is_weights=c["isw"][None],
+                       entropy=ent, entropy_coef=kw["entropy_coef"])
+
+
 def cookbook_loss(c, kw):
     """The cookbook's loss on the same inputs: token_logprobs + policy_loss, autograd for the gradients."""
-    from cookbook.grpo.algorithm import policy_loss, token_logprobs
+    from cookbook.grpo.algorithm import token_logprobs
     h = c["hidden"].clone().requires_grad_()
     w = c["weight"].clone().requires_grad_()
     logits = h @ w.t()
     logp, ent = token_logprobs(logits[None], c["targets"][None], temperature=kw["temperature"])
-    out = policy_loss(logp, c["old"][None], c["adv"][None], c["mask"][None], clip_low=kw["clip_low"],
-                      clip_high=kw["clip_high"], logratio_clamp=kw["logratio_clamp"], loss_cap=kw["loss_cap"],
-                      normalizer=kw["normalizer"], aggregation="token_mean", ref_logp=c["ref"][None],
-                      kl_coef=kw["kl_coef"], kl_estimator=kw["kl_estimator"], is_weights=c["isw"][None],
-                      entropy=ent, entropy_coef=kw["entropy_coef"])
+    out = cookbook_policy_loss(logp, ent, c, kw)
     out.loss.backward()
     return dict(loss=out.loss.detach(), logp=logp.detach()[0], entropy=ent.detach()[0], dh=h.grad, dw=w.grad), \
         out.metrics

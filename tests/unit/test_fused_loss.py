@@ -117,9 +117,9 @@ def test_switch_is_off_without_cuda_and_refuses_what_the_kernel_cannot_do(monkey
     with pytest.raises(ConfigError, match="token_mean"):
         fused_loss_enabled(load_config("tiny", overrides=["grpo.use_fused_kernels=true",
                                                           "grpo.loss_aggregation=seq_mean"]))
-    cfg.parallel.tensor = 2
-    with pytest.raises(ConfigError, match="tensor=1"):
-        fused_loss_enabled(cfg)
+    # tensor parallelism: the vocabulary-parallel kernel (tests/kernels/test_grpo_loss_tp.py)
+    assert fused_loss_enabled(load_config("tiny", overrides=["grpo.use_fused_kernels=true", "parallel.tensor=2",
+                                                             "parallel.sequence_parallel=true"]))
 
 
 @pytest.mark.gpu
