@@ -12,9 +12,10 @@ the copy and the conversions all read from the disk. Sizes:
   FFN 18432, experts of 2048) cut to 2 layers, 8 experts and a 16k vocabulary (2.8 GB): HF -> Megatron -> HF.
 - ``dsv3-fp8-20g``: DeepSeek-V3's fp8 layout (e4m3 + 128x128 scale_inv), its real vocabulary (129280) and expert
   count per layer cut to 192, 1 dense + 2 MoE layers: 21.6 GB in 1 GiB shards; step: the fp8 -> bf16 cast.
-- ``dsv3-bf16-20g``: the same shapes in bf16 with 1 dense + 1 MoE layer (22.6 GB, 2 GiB shards, as the cast
-  writes them): step: HF -> Megatron-Core. (The cast's 43 GB output and its conversion would not fit together on
-  an 80 GB disk, so the two steps of a DeepSeek-V3 preparation are measured on two checkpoints of at least 20 GB.)
+- ``dsv3-bf16-20g``: the same shapes in bf16, 1 dense + 7 MoE layers of 24 experts (DeepSeek-V3's 3 dense of 61
+  layers, scaled; 22 GB in 2 GiB shards, as the cast writes them), so that 2 parts split it by layer ranges about
+  evenly as they split DeepSeek-V3: step: HF -> Megatron-Core. (The cast's 40 GB output and its conversion would
+  not fit together on an 80 GB disk, so the two steps are measured on two checkpoints of at least 20 GB.)
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ SIZES = {  # name: (overrides, source shard bytes, fp8 source, steps)
                             "model.moe_router_topk=2"], 512 << 20, False, ("hf_to_mcore", "mcore_to_hf")),
     "dsv3-fp8-20g": (DSV3 + ["model.vocab_size=129280", "model.num_layers=3", "model.num_experts=192",
                              "model.moe_router_topk=8"], 1 << 30, True, ("fp8_to_bf16",)),
-    "dsv3-bf16-20g": (DSV3 + ["model.vocab_size=129280", "model.num_layers=2", "model.num_experts=192",
+    "dsv3-bf16-20g": (DSV3 + ["model.vocab_size=129280", "model.num_layers=8", "model.num_experts=24",
                               "model.moe_router_topk=8"], 2 << 30, False, ("hf_to_mcore",)),
 }
 OUTPUT = {"hf_to_mcore": "mcore", "mcore_to_hf": "back", "fp8_to_bf16": "bf16"}

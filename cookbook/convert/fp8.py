@@ -19,11 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cookbook.atomic import write_json
-from cookbook.convert.hf_io import ST_DTYPES, ShardReader, copy_tokenizer_files, read_index, stream_safetensors
+from cookbook.convert.hf_io import ST_TORCH, ShardReader, copy_tokenizer_files, read_index, stream_safetensors
 from cookbook.convert.staging import Staging
 
 BLOCK = 128
-ST_TORCH = {code: dtype for dtype, code in ST_DTYPES.items()}
 E4M3_MAX = 448.0
 _QUANTIZED = re.compile(r"model\.layers\.\d+\..*_proj(_with_mqa)?\.weight$")
 
@@ -113,7 +112,7 @@ def _check_fp8_source(src: Path, index: dict[str, str], reader: ShardReader) -> 
     for name in index:
         if name.endswith("_scale_inv") and name.removesuffix("_scale_inv") not in index:
             raise ValueError(f"{src}: '{name}' has no weight '{name.removesuffix('_scale_inv')}'")
-    for name, shard in sorted(index.items(), key=lambda item: item[1]):  # shard by shard: one file open at a time
+    for name, shard in index.items():
         if not name.endswith("_scale_inv") and name + "_scale_inv" not in index and reader.dtype(name) == "F8_E4M3":
             raise ValueError(f"{src / shard}: fp8 tensor '{name}' has no '{name}_scale_inv'; the checkpoint is "
                              "incomplete (download its scale tensors again)")
@@ -123,8 +122,8 @@ def cast_fp8_to_bf16(src_dir: str | os.PathLike, out_dir: str | os.PathLike, ove
                      progress: bool = True, part: tuple[int, int] = (0, 1)) -> Optional[Path]:
     """Write a bf16 copy of an fp8 DeepSeek-V3 checkpoint: same shard files without the scale tensors,
     a new index, config without ``quantization_config`` and with ``num_nextn_predict_layers`` 0, and the
-    tokenizer files. Each output shard is written tensor by tensor in row blocks (peak memory: about one
-    source shard mapped plus one block). ``part=(i, n)`` casts every n-th shard from the i-th, as the nodes
+    tokenizer files. Each output shard is written tensor by tensor in row blocks of about 64 MiB (peak memory:
+    one block, its fp32 products and the scales, whatever the shard size). ``part=(i, n)`` casts every n-th shard from the i-th, as the nodes
     of a job split it; part 0 then waits for the others and finalizes (others return None). Resumable."""
     src = Path(src_dir)
     config = json.loads((src / "config.json").read_text())

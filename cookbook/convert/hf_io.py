@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # safetensors dtype codes and their element sizes
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_TORCH = {code: dtype for dtype, code in ST_DTYPES.items()}
 ST_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
 
 
@@ -42,40 +44,65 @@ def read_index(hf_dir: str | os.PathLike) -> dict[str, str]:
 
 
 class ShardReader:
-    """Lazy tensor access across shards: only the requested tensors are read into memory."""
+    """Lazy tensor access across shards: only the requested tensors (or rows of them) are read into memory.
+
+    Reads go through the file with large sequential ``readinto`` calls at the offsets of the safetensors header,
+    not through a memory map: on a cold disk page-faulting a map in small pieces was the slow part, and mapped pages
+    count as the process's resident memory."""
 
     def __init__(self, hf_dir: str | os.PathLike, index: Optional[dict[str, str]] = None):
         self.dir = Path(hf_dir)
         self.index = index if index is not None else read_index(hf_dir)
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
-    def _handle(self, shard: str):
-        if shard not in self._open:
-            self._open.clear()  # one shard open at a time keeps the mapped memory bounded
-            self._open[shard] = safe_open(self.dir / shard, "pt")
-        return self._open[shard]
+    def _entry(self, name: str) -> tuple[Path, dict, int]:
+        """The tensor's shard, header entry and the shard's data offset."""
+        shard = self.index[name]
+        if shard not in self._headers:
+            with open(self.dir / shard, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[shard] = (json.loads(f.read(size)), 8 + size)
+        header, start = self._headers[shard]
+        if name not in header:
+            raise KeyError(f"{self.dir / shard}: no tensor '{name}' (the index lists it in this shard)")
+        return self.dir / shard, header[name], start
+
+    def _read(self, name: str, first_row: int, rows: Optional[int]) -> torch.Tensor:
+        path, info, start = self._entry(name)
+        shape = list(info["shape"])
+        row_bytes = ST_ITEMSIZE[info["dtype"]] * math.prod(shape[1:]) if shape else 0
+        if rows is not None:
+            shape[0] = rows
+        out = torch.empty(shape, dtype=ST_TORCH[info["dtype"]])
+        if out.numel():
+            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with open(path, "rb", buffering=0) as f:
+                f.seek(start + info["data_offsets"][0] + first_row * row_bytes)
+                while buf:
+                    n = f.readinto(buf)
+                    if not n:
+                        raise EOFError(f"{path}: '{name}' ends before its header says (a truncated download?)")
+                    buf = buf[n:]
+        return out
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.index[name]).get_tensor(name)
+        return self._read(name, 0, None)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor (dimension 0), read without loading the rest."""
-        return self._handle(self.index[name]).get_slice(name)[start:stop]
+        stop = min(stop, self.shape(name)[0])
+        return self._read(name, start, max(0, stop - start))
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype code ("BF16", "F8_E4M3", ...)."""
-        return self._handle(self.index[name]).get_slice(name).get_dtype()
+        return self._entry(name)[1]["dtype"]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.index[name]).get_slice(name).get_shape())
+        return tuple(self._entry(name)[1]["shape"])
 
     def nbytes(self, name: str) -> int:
-        sl = self._handle(self.index[name]).get_slice(name)
-        dtype = ST_ITEMSIZE.get(sl.get_dtype(), 4)
-        n = 1
-        for d in sl.get_shape():
-            n *= d
-        return n * dtype
+        b0, b1 = self._entry(name)[1]["data_offsets"]
+        return b1 - b0
 
 
 def check_checkpoint(reader: ShardReader, m: ModelConfig, mappings: Iterable[Mapping],
