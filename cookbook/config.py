@@ -176,6 +176,9 @@ class GRPOConfig:
     eval_top_k: int = 20
     eval_every: int = 1
     eval_pass_k: int = 0  # at the first and last evaluation: pass@1 and pass@k from k samples per problem; 0 = off
+    # another run's eval_step0.json to log at step 0 instead of evaluating the start model again; refused unless it is
+    # the same evaluation (same start model files, problems, settings, machine: cookbook.grpo.baseline); "" = evaluate
+    eval_baseline: str = ""
     save_every: int = 10
     keep_checkpoints: int = 2  # the newest complete checkpoints kept (an older one is the fallback if the newest is damaged)
     # the last step's checkpoint and the HF export (hf_export/); false skips both (about 25 s of a 10-step tiny run):
@@ -568,6 +571,8 @@ def validate(cfg: CookbookConfig) -> None:
     _require(cfg.data.validation_size >= 0, "data.validation_size", cfg.data.validation_size, "must be >= 0")
     _require(g.eval_pass_k == 0 or g.eval_pass_k >= 2, "grpo.eval_pass_k", g.eval_pass_k,
              "must be 0 (off) or >= 2 samples per problem")
+    _require(not g.eval_baseline or g.eval_every > 0, "grpo.eval_baseline", g.eval_baseline,
+             "has no effect with grpo.eval_every=0 (no step-0 evaluation to replace); leave it empty")
 
     _validate_importance(g)
     if g.use_fused_kernels and g.policy_loss != "ppo":  # cookbook.grpo.fused_loss.refuse_unfused_options

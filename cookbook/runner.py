@@ -184,9 +184,13 @@ def execute(run: PreparedRun, out_dir: Path | None = None, progress: bool = True
     write_text(out_dir / f"{run.notebook.stem}.params.yaml", yaml.safe_dump(run.params, sort_keys=True))
     output = out_dir / run.notebook.name
     with environ(checkout_env(os.environ)):  # the kernel (and a local Ray it starts) import this checkout
+        # shutdown_kernel="immediate": once the last cell has run (its outputs are in the notebook, the run's files
+        # written) the kernel is stopped rather than left to unload torch, Ray and the rest (3 s a run); a local Ray
+        # it started goes with it (Ray's own clean-up on the driver's exit)
         papermill.execute_notebook(
             str(run.notebook), str(output), parameters=run.params, kernel_name=KERNEL_NAME,
             progress_bar=progress, cwd=str(run.notebook.parent), stdout_file=log, stderr_file=log,
+            shutdown_kernel="immediate",
         )
     return output
 
@@ -324,6 +328,21 @@ def prepare_study_inputs(grid, study: Path, specs: list) -> dict[str, dict[str, 
     return extra
 
 
+def shared_baseline(grid, study: Path, spec, extra: dict[str, Any], folders: list[Path]) -> dict[str, str]:
+    """``grpo.eval_baseline`` for a run whose step-0 evaluation a run among ``folders`` already measured (the same
+    start model, problems and settings: ``cookbook.grpo.baseline``), so that it does not repeat it; else nothing,
+    and the run measures it. ``extra``: the run's shared inputs (``prepare_study_inputs``)."""
+    from cookbook.grpo.baseline import find_measured
+    from cookbook.grpo.loop import baseline_fingerprint
+
+    cfg = load_config(grid.preset, values={"runs_dir": str(study), "run_name": spec.name,
+                                           **nest_dotted({**spec.overrides, **extra})})
+    if not cfg.grpo.eval_every:
+        return {}
+    found = find_measured([f for f in folders if f.name != spec.name], baseline_fingerprint(cfg))
+    return {"grpo.eval_baseline": str(found)} if found else {}
+
+
 def _start_ray(cfg, init_ray, attempts: int = 5) -> None:
     """Start the study's Ray instance; on a busy machine its start can time out, so try again a few times."""
     import ray
@@ -346,8 +365,9 @@ def run_study(grid, study_dir: str | Path = "", only: tuple[str, ...] = (), prog
     papermill execution of notebook 30 per case and seed, ``<study>/<case>-seed<k>/``, in order. Runs already done
     are skipped, an interrupted one resumes from its checkpoint, a failed one runs again; every run records its case,
     seed, settings, wall time and the machine load in ``study_run.json`` and in the study's ``study.json``. Every run
-    joins one local Ray instance started here (instead of starting its own). Then the study report goes to
-    ``<study>/report/`` (``cookbook.analysis.study.study_report``). Returns that report (or None)."""
+    joins one local Ray instance started here (instead of starting its own), and a run whose step-0 evaluation an
+    earlier run measured (the same start model, problems and settings) reuses it (``shared_baseline``). Then the study
+    report goes to ``<study>/report/`` (``cookbook.analysis.study.study_report``). Returns that report (or None)."""
     import datetime
     import os
 
@@ -401,13 +421,16 @@ def run_study(grid, study_dir: str | Path = "", only: tuple[str, ...] = (), prog
             t0 = time.perf_counter()
             shared = prepare_study_inputs(grid, study, todo)
             manifest["prepare_s"] = round(manifest.get("prepare_s", 0) + time.perf_counter() - t0, 1)
+            folders = [study / s.name for s in S.plan(grid)]  # where an earlier run's step-0 evaluation may be
             bar = tqdm(todo, desc="study", unit="run", disable=not progress)
             for spec in bar:
                 bar.set_postfix_str(spec.name)
                 run_dir = study / spec.name
                 run_dir.mkdir(exist_ok=True)
+                inputs = {**shared[spec.name], **shared_baseline(grid, study, spec, shared[spec.name], folders)}
                 record = {"run": spec.name, "case": spec.case, "seed": spec.seed, "overrides": spec.overrides,
                           "status": "running", "resumed": status[spec.name] == "interrupted",
+                          "eval_baseline": inputs.get("grpo.eval_baseline"),
                           "started": datetime.datetime.now().isoformat(timespec="seconds"), "load_before": _load(),
                           "where": f"{manifest['machine']['host']} ({manifest['machine']['cpu']['model']})"}
                 S.write_marker(run_dir, record)
@@ -415,7 +438,7 @@ def run_study(grid, study_dir: str | Path = "", only: tuple[str, ...] = (), prog
                 save()
                 t0 = time.perf_counter()
                 try:
-                    run_notebook(S.NOTEBOOK, spec.notebook_parameters(grid.preset, shared[spec.name]),
+                    run_notebook(S.NOTEBOOK, spec.notebook_parameters(grid.preset, inputs),
                                  run_name=spec.name, runs_dir=str(study), progress=False)
                     record["status"] = "done"
                 except Exception as e:  # one failed run does not stop the others; a new call runs it again

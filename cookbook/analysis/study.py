@@ -170,7 +170,7 @@ class RunSpec:
         for key, name in CONFIG_PARAMETERS[NOTEBOOK].items():
             if key in values:
                 params[name] = values.pop(key)
-        params["plot_every"] = max(1, int(params.get("steps") or 1))  # drawn once, at the end
+        params["plot_every"] = int(params.get("steps") or 0) + 1  # not during training: drawn once, at the end
         params["overrides"] = values
         return params
 

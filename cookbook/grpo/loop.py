@@ -18,6 +18,7 @@ import numpy as np
 from cookbook.config import OFFLINE_PRESETS, CookbookConfig
 from cookbook.data.preprocess import read_records
 from cookbook.data.reward import score_batch
+from cookbook.grpo import baseline
 from cookbook.grpo.algorithm import group_advantages
 from cookbook.grpo.checkpoint import check_architecture, resume_point
 from cookbook.grpo.prompts import PromptStream, step_seed
@@ -91,6 +92,15 @@ def pass_at_k(rollout: Any, records: list[dict[str, Any]], cfg: CookbookConfig) 
                          [records[s.prompt_index]["reward_model"]["ground_truth"] for s in samples], mode=g.reward_mode)
     per_problem = np.array([r.score for r in scores]).reshape(len(records), g.eval_pass_k)
     return {"eval/pass@1": float(per_problem.mean()), f"eval/pass@{g.eval_pass_k}": float(per_problem.max(1).mean())}
+
+
+def baseline_fingerprint(cfg: CookbookConfig) -> dict[str, Any]:
+    """The fingerprint of this run's step-0 evaluation (``cookbook.grpo.baseline``): its start model and the
+    problems it evaluates (the evaluation split, and test when that is another)."""
+    from cookbook.models.tiny import resolve_hf_dir
+
+    _, during, test = data_files(cfg)
+    return baseline.fingerprint(cfg, resolve_hf_dir(cfg), dict.fromkeys([during, test]))
 
 
 def evaluate_all(rollout: Any, during: list[dict[str, Any]], test: list[dict[str, Any]], cfg: CookbookConfig,
@@ -214,6 +224,9 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
     if resume.path is not None:  # a checkpoint of another model stops here, before any work
         check_architecture(resume.path, trainer_model_config(cfg))
 
+    step0 = resume.path is None and g.eval_every > 0  # a fresh run evaluates the model it starts from
+    fp = baseline_fingerprint(cfg) if step0 else {}
+    record = baseline.reused(cfg, fp) if step0 and g.eval_baseline else None  # refused now, before the workers start
     workers = start_workers(cfg)
     trainer, rollout = workers.trainer, workers.rollout
     bucket_bytes = cfg.parallel.weight_sync_bucket_mb << 20
@@ -228,10 +241,16 @@ def train(cfg: CookbookConfig, progress: bool = True, stop_after: Optional[int] 
     tracker = MetricsTracker(cfg, resume_step=start if resume.path is not None else -1)
     history: list[dict[str, Any]] = []
     try:
-        if start == 0 and g.eval_every:
-            baseline = evaluate_all(rollout, eval_records, test_records, cfg, first_or_last=True)
-            tracker.log(0, baseline)
-            history.append({"step": 0, **baseline})
+        if step0:
+            record = record or baseline.measured(cfg, fp, evaluate_all(rollout, eval_records, test_records, cfg,
+                                                                       first_or_last=True))
+            baseline.write_record(cfg, record)
+            if "reused_from" in record:
+                print(f"step 0: the start model's evaluation measured in {record['measured_in']} (grpo.eval_baseline: "
+                      "the same start model, problems and settings)", flush=True)
+            metrics = baseline.step0_metrics(record)
+            tracker.log(0, metrics)
+            history.append({"step": 0, **metrics})
         last = g.steps if stop_after is None else min(g.steps, start + stop_after)
         bar = tqdm(range(start + 1, last + 1), initial=start, total=g.steps, desc="GRPO", disable=not progress)
         for step in bar:

@@ -82,6 +82,21 @@ def shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def engine_args(cfg: CookbookConfig, hf_dir: str) -> dict[str, Any]:
+    """vLLM's ``LLM`` arguments from the config (pure, so that what decides the engine's numbers can be compared
+    without building one: ``cookbook.grpo.baseline``)."""
+    from cookbook.rollout import backends
+
+    g, p = cfg.grpo, cfg.parallel
+    kwargs: dict[str, Any] = {}
+    if backends.on_gpu(cfg):  # colocated with the trainer: sleep releases the KV cache while the trainer works
+        kwargs.update(gpu_memory_utilization=p.rollout_gpu_memory_utilization, enable_sleep_mode=p.colocate)
+    return dict(model=hf_dir, dtype=backends.rollout_dtype(cfg), attention_backend=backends.attention_backend(cfg),
+                max_model_len=g.max_prompt_length + g.max_response_length, seed=cfg.seed, enforce_eager=True,
+                tensor_parallel_size=p.rollout_tensor, max_num_seqs=256,
+                worker_extension_cls="cookbook.rollout.worker_ext.WeightSyncExtension", **kwargs)
+
+
 class RolloutWorker:
     """One vLLM engine (a Ray actor on CPU; TP ranks live inside vLLM on GPU)."""
 
@@ -94,19 +109,11 @@ class RolloutWorker:
         self.cfg = cfg
         self.fixes = compat.apply_before_engine()
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        g, p = cfg.grpo, cfg.parallel
         self.on_gpu = backends.on_gpu(cfg)
-        kwargs: dict[str, Any] = {}
-        if self.on_gpu:  # colocated with the trainer: sleep releases the KV cache while the trainer works
-            kwargs.update(gpu_memory_utilization=p.rollout_gpu_memory_utilization, enable_sleep_mode=p.colocate)
         # the experts the routers chose (routing statistics, moe.routing_replay): "capture" (the CPU `routed` fix),
         # "vllm" (vLLM's own output), or None (this vLLM cannot: no routing metrics, and r3 is refused)
         self.routing = routing_source(cfg, compat.needed("routed"))
-        build = dict(model=hf_dir, dtype=backends.rollout_dtype(cfg), attention_backend=backends.attention_backend(cfg),
-                     max_model_len=g.max_prompt_length + g.max_response_length, seed=cfg.seed, enforce_eager=True,
-                     tensor_parallel_size=p.rollout_tensor, max_num_seqs=256,
-                     worker_extension_cls="cookbook.rollout.worker_ext.WeightSyncExtension", **kwargs)
-        self.llm = self._build_llm(cfg, build)
+        self.llm = self._build_llm(cfg, engine_args(cfg, hf_dir))
         self.backends = self.llm.collective_rpc("cookbook_attention_backends")[0]
         backends.check_selected(cfg, self.backends)
         hf_config = self.llm.llm_engine.model_config.hf_config

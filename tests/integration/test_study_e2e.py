@@ -46,6 +46,14 @@ def test_every_run_done_with_its_record(study):
         rows = [json.loads(line) for line in (folder / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [0, 1, 2]
         assert not (folder / run / "checkpoints").exists() and not (folder / run / "hf_export").exists()  # final_save
+    # g starts from a's model with a's problems and seed: it logs a's step-0 evaluation, and says so
+    a, g = ([json.loads(line) for line in (folder / run / "metrics.jsonl").read_text().splitlines()][0]
+            for run in ("a-defaults-seed1", "g-trainer-no-bias-seed1"))
+    source = folder / "a-defaults-seed1" / "eval_step0.json"
+    assert g == {**a, "eval/reused_from": str(source)}
+    record = json.loads((folder / "g-trainer-no-bias-seed1" / "eval_step0.json").read_text())
+    assert record["reused_from"] == str(source) and record["measured_in"] == str(folder / "a-defaults-seed1")
+    assert [r.get("eval_baseline") for r in manifest["runs"]] == [None, str(source)]
     config = yaml.safe_load((folder / "g-trainer-no-bias-seed1" / "config.yaml").read_text())
     assert config["moe"]["trainer_expert_bias"] is False and config["model"]["params_dtype"] == "bfloat16"
     bias = json.loads((folder / "shared").glob("start-model-*").__next__().joinpath("expert_bias.json").read_text())

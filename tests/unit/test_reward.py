@@ -73,6 +73,26 @@ def test_wrong_answers_score_zero(pred, truth):
     assert result.score == 0.0 and result.method == "wrong", result
 
 
+# two plain integers that differ, up to 15 digits: decided without math-verify, which agrees on every one
+DISTINCT_INTEGERS = [("13", "12"), ("-19", "19"), ("0", "1"), ("0", "-1"), ("100", "10"), (" 7", "8 "),
+                     ("100000000000000", "100000000000001"), ("999999999999998", "999999999999999"),
+                     ("-100000000000000", "-100000000000001")]
+# not plain (a sign on zero, a leading zero, a plus, a separator, 16 digits): math-verify decides
+NOT_PLAIN = [("-0", "1"), ("007", "8"), ("+5", "6"), ("1,000", "1001"), ("1000000000000000", "1000000000000001")]
+
+
+def test_distinct_plain_integers_skip_math_verify(monkeypatch):
+    from cookbook.data import reward
+
+    assert not any(reward._math_verify_equal(p, t) for p, t in DISTINCT_INTEGERS)
+    monkeypatch.setattr(reward, "_math_verify_equal", lambda p, t: pytest.fail(f"math-verify called on {p}, {t}"))
+    for pred, truth in DISTINCT_INTEGERS:
+        assert compute_score(f"{B}{{{pred}}}", truth).method == "wrong"
+    monkeypatch.setattr(reward, "_math_verify_equal", lambda p, t: True)
+    for pred, truth in NOT_PLAIN:
+        assert compute_score(f"{B}{{{pred}}}", truth).method == "math_verify", (pred, truth)
+
+
 MALFORMED = [
     "", "   ", "The answer is 5.", f"{B}{{5", f"{B}", f"{B}{{{{{{}}", "\\boxed{\\frac{1}{2}", "}}}{{{",
     "\x00\x01\x02", "答案是 \\boxed", "\\boxed{\\frac{}{}}", "\\boxed{\\left(}", "\\boxed{$$$}", "\\boxed{\\\\\\\\}",

@@ -50,7 +50,7 @@ def test_plan_orders_runs_and_maps_notebook_parameters():
                             "moe.router_bias_update_rate": 1e-3, "seed": 1}
     params = on.notebook_parameters("tiny", {"data.processed_dir": "/d"})
     assert params["router_enable_expert_bias"] is True and params["router_bias_update_rate"] == 1e-3
-    assert params["steps"] == 2 and params["walkthrough"] is False and params["plot_every"] == 2
+    assert params["steps"] == 2 and params["walkthrough"] is False and params["plot_every"] == 3
     assert params["overrides"] == {"model.params_dtype": "bfloat16", "seed": 1, "data.processed_dir": "/d"}
 
 
