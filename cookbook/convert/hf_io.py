@@ -20,10 +20,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # HF tensors that carry no weights of the architecture and are skipped everywhere.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # safetensors dtype codes and their element sizes
-ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
-             torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+             torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 ST_TORCH = {code: dtype for dtype, code in ST_DTYPES.items()}
-ST_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+ST_ITEMSIZE = {code: torch.empty(0, dtype=dtype).element_size() for dtype, code in ST_DTYPES.items()}
 
 
 class CheckpointMismatch(ValueError):
@@ -47,8 +48,8 @@ class ShardReader:
     """Lazy tensor access across shards: only the requested tensors (or rows of them) are read into memory.
 
     Reads go through the file with large sequential ``readinto`` calls at the offsets of the safetensors header,
-    not through a memory map: on a cold disk page-faulting a map in small pieces was the slow part, and mapped pages
-    count as the process's resident memory."""
+    not through a memory map, so a process holds only what it asked for (mapped pages count as its resident memory,
+    which made the conversion's peak look like whole shards) and the disk sees large sequential reads."""
 
     def __init__(self, hf_dir: str | os.PathLike, index: Optional[dict[str, str]] = None):
         self.dir = Path(hf_dir)
