@@ -96,7 +96,7 @@ def time_flex(rows, lens, ref):
     row_tokens = max(sum(r) for r in rows)
     width = max(row_tokens, 128)
     doc = torch.full((len(rows), width), -1, dtype=torch.int32, device="cuda")
-    place = []  # (row, start) of each packed token range, in token order
+    place = []  # (row, position in the row, position in the packed axis, length) of each segment, in token order
     t = 0
     for r, row in enumerate(rows):
         pos = 0
@@ -105,10 +105,9 @@ def time_flex(rows, lens, ref):
             place.append((r, pos, t, n))
             pos += n
             t += n
-    docs = doc
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (docs[b, q_idx] == docs[b, kv_idx]) & (docs[b, q_idx] >= 0) & (q_idx >= kv_idx)
+        return (doc[b, q_idx] == doc[b, kv_idx]) & (doc[b, q_idx] >= 0) & (q_idx >= kv_idx)
 
     block_mask = create_block_mask(mask_mod, len(rows), None, width, width, device="cuda")
 
