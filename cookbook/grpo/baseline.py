@@ -1,8 +1,8 @@
 """The step-0 evaluation as a record another run can reuse: the start model's accuracy, measured once.
 
 Before its first update a run evaluates the model it starts from, on the rollout engine as the engine loaded it, with
-a fixed seed: runs that share the start model, the problems and the settings measure the same numbers (the MoE study's
-nine cases of one seed do: README, "The MoE stability study"). Every run that evaluates at step 0 writes
+a fixed seed: runs that share the start model, the problems and the settings measure the same numbers (all the MoE
+study's runs of one seed do: README, "The MoE stability study"). Every run that evaluates at step 0 writes
 ``<run>/eval_step0.json``: the metrics and the fingerprint of everything that evaluation depends on (``fingerprint``).
 A run with ``grpo.eval_baseline`` set to such a record logs its metrics at step 0 instead of evaluating again, but
 only when its own fingerprint is the same (``reused``); its step-0 metrics and its own record name the source.
@@ -82,6 +82,7 @@ def fingerprint(cfg: CookbookConfig, hf_dir: str | Path, problems: Iterable[str 
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
+    """A step-0 record (``grpo.eval_baseline`` names it: a missing file is a ConfigError saying so)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grpo.eval_baseline={str(path)!r}: no such file; point it at another run's {BASELINE_FILE}, "
@@ -130,7 +131,7 @@ def find_measured(folders: Iterable[Path], fp: dict[str, Any]) -> Optional[Path]
     for folder in folders:
         path = Path(folder) / BASELINE_FILE
         if path.is_file():
-            record = json.loads(path.read_text())
+            record = read_record(path)
             if "reused_from" not in record and not differences(record, fp):
                 return path
     return None
