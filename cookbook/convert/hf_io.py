@@ -1,8 +1,10 @@
 """Reading an HF safetensors checkpoint lazily and checking it against the name table before any write."""
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -44,6 +46,67 @@ def read_index(hf_dir: str | os.PathLike) -> dict[str, str]:
     raise FileNotFoundError(f"{hf_dir}: neither model.safetensors.index.json nor model.safetensors found")
 
 
+class ReadBuffer:
+    """Memory that one unit's tensors are read into, reused from unit to unit.
+
+    A fresh allocation per tensor costs a page fault and a zeroed page per 4 KiB; with the page cache's copy on
+    top, that was most of the conversion's CPU time on the VMs measured (BENCHMARKS.md). The buffer is page
+    aligned, so reads into it bypass the page cache (``O_DIRECT``) where the file system allows it."""
+
+    ALIGN = 4096
+
+    def __init__(self, nbytes: int):
+        self._mem = mmap.mmap(-1, max(nbytes, self.ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._view = memoryview(self._mem)
+        self._used = 0
+
+    @classmethod
+    def bytes_for(cls, sizes: Iterable[int]) -> int:
+        """A buffer size that holds tensors of these byte sizes read at any file offsets."""
+        return sum(-(-n // cls.ALIGN) * cls.ALIGN + 2 * cls.ALIGN for n in sizes)
+
+    def clear(self) -> None:
+        """Start over; the tensors taken since the last clear must no longer be in use."""
+        self._used = 0
+
+    def take(self, nbytes: int) -> memoryview:
+        """A page-aligned region of ``nbytes`` rounded up to whole pages."""
+        size = -(-nbytes // self.ALIGN) * self.ALIGN
+        if self._used + size > len(self._view):
+            raise MemoryError(f"read buffer of {len(self._view)} bytes cannot take {size} more after {self._used}: "
+                              "size it with ReadBuffer.bytes_for over the tensors of one unit")
+        region = self._view[self._used:self._used + size]
+        self._used += size
+        return region
+
+
+def _read_into(path: Path, offset: int, nbytes: int, buffer: ReadBuffer) -> memoryview:
+    """Bytes ``offset:offset+nbytes`` of a file, read into ``buffer`` with O_DIRECT (whole pages at page offsets),
+    or through the page cache where the file system refuses O_DIRECT."""
+    lo = offset - offset % ReadBuffer.ALIGN
+    region = buffer.take(offset + nbytes - lo)
+    try:
+        _pread_all(path, region, lo, offset + nbytes - lo, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        _pread_all(path, region, lo, offset + nbytes - lo, os.O_RDONLY)
+    return region[offset - lo:offset - lo + nbytes]
+
+
+def _pread_all(path: Path, region: memoryview, start: int, need: int, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        got = 0
+        while got < need:
+            n = os.preadv(fd, [region[got:]], start + got)
+            if not n:
+                raise EOFError(f"{path}: data ends at byte {start + got}, before {start + need} (a truncated download?)")
+            got += n
+    finally:
+        os.close(fd)
+
+
 class ShardReader:
     """Lazy tensor access across shards: only the requested tensors (or rows of them) are read into memory.
 
@@ -68,12 +131,17 @@ class ShardReader:
             raise KeyError(f"{self.dir / shard}: no tensor '{name}' (the index lists it in this shard)")
         return self.dir / shard, header[name], start
 
-    def _read(self, name: str, first_row: int, rows: Optional[int]) -> torch.Tensor:
+    def _read(self, name: str, first_row: int, rows: Optional[int], into: Optional[ReadBuffer] = None
+              ) -> torch.Tensor:
         path, info, start = self._entry(name)
         shape = list(info["shape"])
         row_bytes = ST_ITEMSIZE[info["dtype"]] * math.prod(shape[1:]) if shape else 0
         if rows is not None:
             shape[0] = rows
+        nbytes = ST_ITEMSIZE[info["dtype"]] * math.prod(shape)
+        if into is not None and nbytes:
+            data = _read_into(path, start + info["data_offsets"][0] + first_row * row_bytes, nbytes, into)
+            return torch.frombuffer(data, dtype=ST_TORCH[info["dtype"]]).view(shape)
         out = torch.empty(shape, dtype=ST_TORCH[info["dtype"]])
         if out.numel():
             buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
@@ -86,8 +154,9 @@ class ShardReader:
                     buf = buf[n:]
         return out
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._read(name, 0, None)
+    def get(self, name: str, into: Optional[ReadBuffer] = None) -> torch.Tensor:
+        """The whole tensor; with ``into``, read into that buffer (no allocation, no page-cache copy)."""
+        return self._read(name, 0, None, into)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor (dimension 0), read without loading the rest."""

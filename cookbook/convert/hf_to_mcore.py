@@ -13,19 +13,36 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from cookbook.config import ConfigError, CookbookConfig
-from cookbook.convert.hf_io import ShardReader, check_checkpoint
-from cookbook.convert.mcore_ckpt import (UNITS_DIR, base_name, layer_and_expert, merge_units,
-                                         meta_sharded_state_dict, save_unit)
+from cookbook.convert.hf_io import ReadBuffer, ShardReader, check_checkpoint
+from cookbook.convert.mcore_ckpt import (UNITS_DIR, base_name, merge_units, meta_sharded_state_dict, save_unit,
+                                         with_data)
 from cookbook.convert.names import Mapping, all_mappings
-from cookbook.convert.names import to_mcore_tensor
 from cookbook.convert.staging import Staging
 from cookbook.models.hf_config import check_hf_config, read_hf_config
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(items: list[T], load: Callable[[T], R]) -> Iterator[R]:
+    """``load(item)`` for each item in order, the next one loading in a thread while the caller works on the
+    current one: a unit's reads overlap the previous unit's write and fsync (at most two units in memory)."""
+    if not items:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = pool.submit(load, items[0])
+        for nxt in items[1:] + [None]:
+            current = pending.result()
+            pending = pool.submit(load, nxt) if nxt is not None else None
+            yield current
+            del current
 
 
 def part_layers(num_layers: int, part: tuple[int, int]) -> range:
@@ -116,19 +133,23 @@ def hf_to_mcore(cfg: CookbookConfig, hf_dir: str | os.PathLike, out_dir: str | o
     bar = tqdm(total=sum(u.nbytes for u in mine), unit="B", unit_scale=True, disable=not progress,
                desc=f"HF -> Megatron part {part[0]}/{part[1]}")
     bar.update(sum(u.nbytes for u in mine if staging.done(u.name)))
-    for unit in todo:
+    # two buffers, alternating: read_ahead holds at most two units, so unit k+2 is read only after unit k is saved
+    size = max((ReadBuffer.bytes_for(reader.nbytes(h) for mp in u.mappings for h in mp.hf) for u in todo), default=0)
+    buffers = [ReadBuffer(size) for _ in range(min(2, len(todo)))]
+
+    def load(job: tuple[Unit, ReadBuffer]) -> tuple[Unit, dict[str, list]]:
+        unit, buffer = job
+        buffer.clear()
         entries = {}
         for mp in unit.mappings:
-            tensor = None
+            pieces = None
             for name, entry in by_mcore[mp.mcore]:
-                if name.endswith("._extra_state"):
-                    entries[name] = entry
-                    continue
-                if tensor is None:
-                    tensor = to_mcore_tensor([reader.get(h) for h in mp.hf])
-                entry = dataclasses.replace(entry)
-                entry.data = tensor.to(entry.data.dtype).contiguous()
-                entries[name] = entry
+                if pieces is None and not name.endswith("._extra_state"):
+                    pieces = [reader.get(h, into=buffer) for h in mp.hf]
+                entries[name] = with_data(entry, pieces or [])
+        return unit, entries
+
+    for unit, entries in read_ahead([(u, buffers[k % 2]) for k, u in enumerate(todo)], load):
         save_unit(entries, staging.dir / UNITS_DIR / unit.name)
         del entries
         staging.mark(unit.name)

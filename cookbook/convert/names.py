@@ -150,11 +150,6 @@ def hf_shape(m: ModelConfig, name: str) -> tuple[int, ...]:
     raise KeyError(f"no shape rule for HF tensor '{name}'")
 
 
-def to_mcore_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """HF tensor(s) of one mapping -> the Megatron tensor (fc1 = cat[gate; up] along the output rows)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=0)
-
-
 def to_hf_tensors(mapping: Mapping, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """The inverse: split a fused fc1 back into gate and up (views, no copy)."""
     if not mapping.fused:

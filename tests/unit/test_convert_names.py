@@ -6,7 +6,7 @@ import torch
 
 from cookbook.config import load_config
 from cookbook.convert.names import (all_mappings, hf_shape, mapping_for_mcore_name, mapping_table,
-                                    megatron_to_hf_tensors, to_hf_tensors, to_mcore_tensor)
+                                    megatron_to_hf_tensors, to_hf_tensors)
 
 
 @pytest.fixture()
@@ -44,10 +44,9 @@ def test_names_invert_and_layer_ranges_partition(tiny):
         mapping_for_mcore_name("decoder.layers.0.mlp.mystery.weight")
 
 
-def test_fused_fc1_is_exact_concatenation():
+def test_fused_fc1_splits_into_gate_then_up():
     gate, up = torch.randn(6, 4), torch.randn(6, 4)
-    fused = to_mcore_tensor([gate, up])
-    assert torch.equal(fused[:6], gate) and torch.equal(fused[6:], up)
+    fused = torch.cat([gate, up])  # Megatron's fused fc1: gate rows, then up rows
     mp = mapping_for_mcore_name("decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight")
     assert mp.hf == ("model.layers.3.mlp.experts.5.gate_proj.weight", "model.layers.3.mlp.experts.5.up_proj.weight")
     (n1, t1), (n2, t2) = to_hf_tensors(mp, fused)
