@@ -79,14 +79,41 @@ def pack(draw, row_tokens: int, total: int) -> list[list[int]]:
     return rows
 
 
-def time_ours(lens):
+def time_ours(lens, config=None):
     q, k, v, do = make(lens, HEADS)
     cu, ms, scale = cu_of(lens), max(lens), DK ** -0.5
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    out = mla.mla_attention(q, k, v, cu, ms, scale)
-    fwd = bench(lambda: mla.mla_attention(q, k, v, cu, ms, scale))
-    both = bench(lambda: mla.mla_attention(qg, kg, vg, cu, ms, scale).backward(do), grad_to_none=[qg, kg, vg])
+    out = mla.mla_attention(q, k, v, cu, ms, scale, config)
+    fwd = bench(lambda: mla.mla_attention(q, k, v, cu, ms, scale, config))
+    both = bench(lambda: mla.mla_attention(qg, kg, vg, cu, ms, scale, config).backward(do),
+                 grad_to_none=[qg, kg, vg])
     return {"fwd": fwd, "fwd_bwd": both}, out
+
+
+# --sweep: launch settings tried per kernel (the others at DEFAULT_CONFIG), (BLOCK rows, BLOCK cols, warps, stages)
+SWEEP = {
+    "fwd": ((128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2), (64, 64, 8, 2),
+            (32, 32, 4, 1), (32, 32, 2, 2), (32, 16, 2, 1)),
+    "dkdv": ((32, 64, 4, 3), (16, 64, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 32, 2, 2), (32, 64, 4, 1),
+             (64, 64, 8, 2), (32, 32, 2, 1)),
+    "dq": ((128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1), (32, 32, 4, 1), (32, 32, 2, 2)),
+}
+
+
+def sweep(lens) -> list[dict]:
+    """Ours under each setting of SWEEP: the forward's settings timed on the forward, the backward kernels' on
+    forward+backward."""
+    rows = []
+    for kernel, candidates in SWEEP.items():
+        for params in candidates:
+            config = mla._with_params(mla.DEFAULT_CONFIG, kernel, params)
+            try:
+                times, _ = time_ours(lens, config)
+            except Exception as err:  # noqa: BLE001 - a setting that does not fit is reported
+                times = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            rows.append({"kernel": kernel, "params": params, **times})
+            print("sweep", rows[-1], flush=True)
+    return rows
 
 
 def time_flex(rows, lens, ref):
@@ -203,6 +230,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--lengths-from", action="append", required=True, help="a run's metrics.jsonl (repeatable)")
     ap.add_argument("--rows", default="4096,16384")
+    ap.add_argument("--sweep", action="store_true", help="also time ours under each launch setting of SWEEP")
     args = ap.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": HEADS, "dk": DK, "dv": DV,
                "total_tokens": TOTAL_TOKENS, "cases": {}}
@@ -212,6 +240,8 @@ def main() -> None:
             name = f"{Path(path).parent.name} rows of {row_tokens}"
             rows = pack(draw, row_tokens, TOTAL_TOKENS)
             results["cases"][name] = {"lengths_from": str(path), "steps": steps, **run_case(rows)}
+            if args.sweep:
+                results["cases"][name]["sweep"] = sweep([n for row in rows for n in row])
             print(name, json.dumps(results["cases"][name]), flush=True)
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     for name, case in results["cases"].items():

@@ -105,8 +105,8 @@ class MLACoreAttention(MegatronModule):
             query, key, value = (x.squeeze(1) for x in (query, key, value))
         t, h, _ = query.shape
         if self.fused_kernel is not None and dropout == 0.0:
-            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            return self.fused_kernel(query, key, value, cu_seqlens, max_len, self.softmax_scale).reshape(t, -1)
+            # max_seqlen None: the kernel finds it, with one device sync per step's cu_seqlens instead of per layer
+            return self.fused_kernel(query, key, value, cu_seqlens, None, self.softmax_scale).reshape(t, -1)
         return packed_sdpa(query, key, value, cu_seqlens, self.softmax_scale, dropout).reshape(t, -1)
 
 

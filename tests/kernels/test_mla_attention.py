@@ -258,6 +258,24 @@ def test_fallback_max_seqlen_none_or_larger_is_the_reference(fallback_path):
             assert torch.equal(a, b), f"max_seqlen={max_seqlen} {name}: ||a-b||/||b|| = {_rel(a, b):.3g}"
 
 
+def test_resolve_max_seqlen_checks_a_tensor_again_only_after_it_changed(monkeypatch):
+    from kernels import mla_attention as mod
+
+    cu = _cu([5, 11, 0])
+    checks = []
+    real = torch.stack
+    monkeypatch.setattr(mod.torch, "stack", lambda *a, **k: (checks.append(1), real(*a, **k))[1])
+    assert [mod.resolve_max_seqlen(cu, None, 16) for _ in range(3)] == [11, 11, 11] and len(checks) == 1
+    cu[1] = 9  # in place: the version counter moves, so the next call checks again
+    assert mod.resolve_max_seqlen(cu, None, 16) == 9 and len(checks) == 2
+    with pytest.raises(ValueError, match="within \\[0, 15\\]"):  # another token count: checked again
+        mod.resolve_max_seqlen(cu, None, 15)
+    other = cu.clone()  # equal content, another tensor: checked
+    assert mod.resolve_max_seqlen(other, None, 16) == 9 and len(checks) == 4
+    with pytest.raises(ValueError, match="smaller than the longest"):  # a cached tensor still checks max_seqlen
+        mod.resolve_max_seqlen(other, 5, 16)
+
+
 def test_resolve_max_seqlen():
     from kernels.mla_attention import resolve_max_seqlen
 
@@ -398,6 +416,23 @@ def test_launch_config_per_dtype_and_device(fake_cuda):
     assert mod.launch_config(torch.float32, "cpu") == mod.INTERPRET_CONFIG
 
 
+def test_short_segments_take_smaller_forward_and_dq_tiles(fake_cuda):
+    mod = fake_cuda
+    dev = torch.device("cuda", 0)
+    short = mod.launch_config(torch.bfloat16, dev, max_seqlen=mod.SHORT_SEGMENT_TOKENS)
+    assert mod._kernel_params("fwd", short) == (64, 64, 4, 2) and mod._kernel_params("dq", short) == (64, 32, 4, 2)
+    assert mod._kernel_params("dkdv", short) == mod._kernel_params("dkdv", mod.DEFAULT_CONFIG)
+    assert mod.launch_config(torch.bfloat16, dev, max_seqlen=mod.SHORT_SEGMENT_TOKENS + 1) == mod.DEFAULT_CONFIG
+    assert mod.launch_config(torch.bfloat16, dev) == mod.DEFAULT_CONFIG  # the cached entry is not changed
+    # fp32's selection already uses less shared memory than the short settings would: kept
+    fp32 = mod.launch_config(torch.float32, dev)
+    for kernel in ("fwd", "dq"):
+        fits = (mod.shared_memory_estimate(kernel, mod._with_params(fp32, kernel, mod.SHORT_SEGMENT_PARAMS[kernel]),
+                                           torch.float32) <= mod.shared_memory_estimate(kernel, fp32, torch.float32))
+        expected = mod.SHORT_SEGMENT_PARAMS[kernel] if fits else mod._kernel_params(kernel, fp32)
+        assert mod._kernel_params(kernel, mod.launch_config(torch.float32, dev, max_seqlen=50)) == expected
+
+
 def test_launch_falls_back_on_out_of_resources(fake_cuda):
     """A device whose compiled kernels need 30% more than the estimate: the launch retries once with the next
     candidate expected to fit and caches it; an explicit config is not changed."""
@@ -450,7 +485,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("heads,lens", [(16, [1000, 2048, 37, 1011]), (128, [700, 300])])
+@pytest.mark.parametrize("heads,lens", [(16, [1000, 2048, 37, 1011]), (128, [700, 300]),
+                                        (16, [53, 70, 1, 128, 0, 12] * 20)])  # short segments: their own tiles
 def test_gpu_low_precision_matches_fp32_reference(dtype, heads, lens):
     from kernels.mla_attention import mla_attention
 
