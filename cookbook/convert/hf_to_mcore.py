@@ -2,7 +2,8 @@
 
 Everything is checked before anything is written (the preset against config.json, every shard, every
 tensor name and shape). Then units (a layer, or a slice of a layer's experts, each about one HF shard of
-bytes) are read tensor by tensor, mapped through ``names.RULES`` and saved; a unit's marker makes an
+bytes) are read tensor by tensor (the next unit in a thread while the current one is written, into two reused
+buffers: ``read_ahead``, ``hf_io.ReadBuffer``), mapped through ``names.RULES`` and saved; a unit's marker makes an
 interrupted run resume after it. With ``layers``/``part`` a process converts only its layer range; the
 process with ``finalize=True`` waits for every unit and merges them (see ``mcore_ckpt``).
 """
@@ -12,8 +13,8 @@ import dataclasses
 import json
 import os
 import shutil
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
