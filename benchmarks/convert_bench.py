@@ -6,7 +6,7 @@ Each step runs in fresh child processes, ``--parts`` of them at once as the node
 (``part=(i, N)``; part 0 finalizes); peak RSS is each process's own high-water mark (VmHWM: ru_maxrss would carry
 the parent's peak across fork and exec); about 470 MiB of it is the interpreter with torch and megatron imported. ``--cold`` drops the page cache before every step (needs root), so
 the copy and the conversions all read from the disk. The plain copy runs before and after the steps, and the steps are
-compared with the mean of the two: a cloud disk's throughput drifts by 1.5x within minutes (burst credits). Sizes:
+compared with the mean of the two: a cloud disk's throughput drifts (here up to 1.8x within an hour). Sizes:
 
 - ``tiny``: the tiny preset (fixed costs dominate).
 - ``dsv3-shaped``: random bf16 weights with DeepSeek-V3's layer shapes (hidden 7168, 128 heads, q_lora 1536, dense
