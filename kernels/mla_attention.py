@@ -922,18 +922,19 @@ def _longest_segment(cu_seqlens: torch.Tensor, total_tokens: int) -> int:
         version = cu_seqlens._version
     except RuntimeError:  # inference tensors have no version counter: always check
         version = None
-    last = _LAST_CHECKED[0]
-    if version is not None and last is not None and last[0]() is cu_seqlens and last[1:3] == (version, total_tokens):
-        return last[3]
+    cached = _LAST_CHECKED[0]
+    if (version is not None and cached is not None and cached[0]() is cu_seqlens
+            and cached[1:3] == (version, total_tokens)):
+        return cached[3]
     if cu_seqlens.numel() < 2:
         longest = 0
     else:
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        first, last_, shortest, longest = torch.stack(
+        first, last, shortest, longest = torch.stack(
             [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
-        if first < 0 or last_ > total_tokens or shortest < 0:
+        if first < 0 or last > total_tokens or shortest < 0:
             raise ValueError(f"cu_seqlens must be non-decreasing within [0, {total_tokens}] (the token count); got "
-                             f"first {first}, last {last_}, shortest segment {shortest}")
+                             f"first {first}, last {last}, shortest segment {shortest}")
     if version is not None:
         _LAST_CHECKED[0] = (weakref.ref(cu_seqlens), version, total_tokens, int(longest))
     return int(longest)
@@ -989,5 +990,6 @@ def mla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 
 __all__ = ["mla_attention", "MLAConfig", "DEFAULT_CONFIG", "INTERPRET_CONFIG", "split_qk_dim",
            "mla_attention_forward", "mla_attention_backward", "bwd_preprocess", "bwd_dkdv", "bwd_dq",
-           "launch_config", "for_segments", "SHORT_SEGMENT_TOKENS", "select_config", "shared_memory_estimate", "device_shared_memory_limit",
-           "resolve_max_seqlen", "SharedMemoryLimitError", "CANDIDATES", "LAUNCH_FALLBACKS"]
+           "launch_config", "for_segments", "SHORT_SEGMENT_TOKENS", "select_config", "shared_memory_estimate",
+           "device_shared_memory_limit", "resolve_max_seqlen", "SharedMemoryLimitError", "CANDIDATES",
+           "LAUNCH_FALLBACKS"]

@@ -123,8 +123,9 @@ def cast_fp8_to_bf16(src_dir: str | os.PathLike, out_dir: str | os.PathLike, ove
     """Write a bf16 copy of an fp8 DeepSeek-V3 checkpoint: same shard files without the scale tensors,
     a new index, config without ``quantization_config`` and with ``num_nextn_predict_layers`` 0, and the
     tokenizer files. Each output shard is written tensor by tensor in row blocks of about 64 MiB (peak memory:
-    one block, its fp32 products and the scales, whatever the shard size). ``part=(i, n)`` casts every n-th shard from the i-th, as the nodes
-    of a job split it; part 0 then waits for the others and finalizes (others return None). Resumable."""
+    one block, its fp32 products and the scales, whatever the shard size). ``part=(i, n)`` casts every n-th shard
+    from the i-th, as the nodes of a job split it; part 0 then waits for the others and finalizes (others return
+    None). Resumable."""
     src = Path(src_dir)
     config = json.loads((src / "config.json").read_text())
     index = read_index(src)

@@ -101,7 +101,8 @@ def _pread_all(path: Path, region: memoryview, start: int, need: int, flags: int
         while got < need:
             n = os.preadv(fd, [region[got:]], start + got)
             if not n:
-                raise EOFError(f"{path}: data ends at byte {start + got}, before {start + need} (a truncated download?)")
+                raise EOFError(f"{path}: data ends at byte {start + got}, before {start + need} "
+                               "(a truncated download?)")
             got += n
     finally:
         os.close(fd)

